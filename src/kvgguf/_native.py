@@ -1,0 +1,119 @@
+"""The native side of kvgguf: our patched libllama (through llama-cpp-python's bindings) and libkvgguf.
+
+kvgguf ships its own build of llama.cpp in ``kvgguf/lib``. Importing this module points llama-cpp-python at it
+(``LLAMA_CPP_LIB_PATH``) *before* ``llama_cpp`` is imported, so the Python bindings and kvgguf share one native
+library, and declares ctypes signatures for the functions our patches add.
+"""
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import sys
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+LIB_DIR = Path(__file__).resolve().parent / "lib"
+
+
+def _shared_library_name(base: str) -> str:
+    if sys.platform == "win32":
+        return f"{base}.dll"
+    if sys.platform == "darwin":
+        return f"lib{base}.dylib"
+    return f"lib{base}.so"
+
+
+def _point_llama_cpp_at_our_library() -> None:
+    if not (LIB_DIR / _shared_library_name("llama")).exists():
+        raise ImportError(
+            f"kvgguf's native libraries are missing from {LIB_DIR}; reinstall kvgguf (see README.md)"
+        )
+    previous = os.environ.get("LLAMA_CPP_LIB_PATH")
+    if previous and Path(previous).resolve() != LIB_DIR:
+        logger.warning("LLAMA_CPP_LIB_PATH=%s is replaced by kvgguf's own build at %s", previous, LIB_DIR)
+    if "llama_cpp.llama_cpp" in sys.modules:
+        loaded = Path(getattr(sys.modules["llama_cpp.llama_cpp"]._lib, "_name", "")).resolve()
+        if loaded.parent != LIB_DIR:
+            raise ImportError(
+                f"llama_cpp was imported before kvgguf and loaded {loaded}; import kvgguf first so that "
+                "llama_cpp uses kvgguf's patched libllama"
+            )
+    os.environ["LLAMA_CPP_LIB_PATH"] = str(LIB_DIR)
+
+
+_point_llama_cpp_at_our_library()
+
+import llama_cpp  # noqa: E402  (must follow the LLAMA_CPP_LIB_PATH set-up above)
+import llama_cpp.llama_cpp as llama_cpp_api  # noqa: E402
+
+libllama: ctypes.CDLL = llama_cpp_api._lib
+libkvgguf: ctypes.CDLL = ctypes.CDLL(str(LIB_DIR / _shared_library_name("kvgguf")))
+
+_int32 = ctypes.c_int32
+_int32_p = ctypes.POINTER(ctypes.c_int32)
+_int64 = ctypes.c_int64
+_float_p = ctypes.POINTER(ctypes.c_float)
+_uint8_p = ctypes.POINTER(ctypes.c_uint8)
+_void_p = ctypes.c_void_p
+
+
+def _declare(lib: ctypes.CDLL, name: str, argtypes: list, restype) -> None:
+    function = getattr(lib, name)
+    function.argtypes = argtypes
+    function.restype = restype
+
+
+# --- functions added by patches/ to libllama (see the patched llama.h) ---
+_declare(libllama, "llama_memory_seq_positions", [_void_p, _int32, _int32_p, _int32], _int32)
+_declare(libllama, "llama_memory_seq_rm_pos", [_void_p, _int32, _int32_p, _int32], _int32)
+_declare(libllama, "llama_memory_n_attended", [_void_p, _int32], _int32)
+_declare(libllama, "llama_kv_compact", [_void_p, _int32, _int32_p, _int32], _int32)
+
+# --- libkvgguf (native/include/kvgguf.h) ---
+_declare(libkvgguf, "kvgguf_api_version", [], _int32)
+_declare(libkvgguf, "kvgguf_maxpool1d", [_float_p, _float_p, _int64, _int64, _int32], _int32)
+_declare(libkvgguf, "kvgguf_reduce_rows", [_float_p, _float_p, _int64, _int64, _int64, _int32], _int32)
+_declare(libkvgguf, "kvgguf_select_topk", [_float_p, _uint8_p, _int64, _int64, _int64, _int32_p], _int32)
+
+# llama_kv_evict_error, mirrored from the patched llama.h
+KV_EVICT_ERRORS = {
+    -1: "the context's memory does not support eviction (recurrent, hybrid, iSWA or shared-cell caches)",
+    -2: "invalid sequence id",
+    -3: "invalid argument (NULL array or negative count)",
+    -4: "a position that the sequence does not hold",
+    -5: "the newest position of the sequence cannot be evicted",
+    -6: "invalid keep lists (empty, a repeated position, or a shared cell kept by only some heads)",
+    -7: "moving the K/V rows failed (graph allocation or compute)",
+}
+
+# kvgguf_status, mirrored from native/include/kvgguf.h
+KVGGUF_ERRORS = {
+    -1: "invalid argument",
+    -2: "max-pool kernel must be odd and positive",
+    -3: "budget larger than the row or smaller than the protected cells",
+    -4: "out of memory",
+}
+KVGGUF_REDUCE = {"max": 0, "mean": 1}
+
+
+class NativeError(RuntimeError):
+    """A native kvgguf or patched-llama.cpp call returned an error code."""
+
+
+def check_kv(code: int, what: str) -> int:
+    """Return ``code`` if it is a count, raise NativeError naming ``what`` if it is a llama_kv_evict_error."""
+    if code < 0:
+        raise NativeError(f"{what}: {KV_EVICT_ERRORS.get(code, 'unknown error')} (code {code})")
+    return code
+
+
+def check_kvgguf(code: int, what: str) -> None:
+    if code != 0:
+        raise NativeError(f"{what}: {KVGGUF_ERRORS.get(code, 'unknown error')} (code {code})")
+
+
+__all__ = [
+    "LIB_DIR", "NativeError", "check_kv", "check_kvgguf", "libkvgguf", "libllama", "llama_cpp", "llama_cpp_api",
+]

@@ -1,0 +1,165 @@
+"""The one eviction engine: select cells from scores -> remove them in one batched call -> compact.
+
+Policies only produce scores; this module turns scores and a budget into kept cells, using the functions our
+patches add to llama.cpp (``llama_memory_seq_rm_pos``, ``llama_kv_compact``) and libkvgguf's selection.
+"""
+from __future__ import annotations
+
+import ctypes
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import numpy.typing as npt
+
+from ._native import check_kv, libllama, llama_cpp_api
+from .scores import select_topk
+
+logger = logging.getLogger(__name__)
+
+_int32_p = ctypes.POINTER(ctypes.c_int32)
+
+# bytes per element of the ggml types a KV cache can use (ggml.h: block size / block bytes)
+_GGML_TYPE_BYTES = {0: 4.0, 1: 2.0, 30: 2.0, 8: 34 / 32, 2: 18 / 32, 3: 20 / 32, 6: 22 / 32, 7: 24 / 32, 20: 18 / 32}
+
+
+class KVCacheView:
+    """One sequence of a llama.cpp context's KV cache, through the patched C API."""
+
+    def __init__(self, ctx: ctypes.c_void_p, seq_id: int = 0) -> None:
+        self.ctx = ctx
+        self.seq_id = seq_id
+
+    @property
+    def memory(self) -> ctypes.c_void_p:
+        return llama_cpp_api.llama_get_memory(self.ctx)
+
+    def positions(self) -> npt.NDArray[np.int32]:
+        """Positions held by the sequence, ascending (one per cell)."""
+        n = check_kv(libllama.llama_memory_seq_positions(self.memory, self.seq_id, None, 0), "seq_positions")
+        out = np.empty(n, dtype=np.int32)
+        if n:
+            check_kv(libllama.llama_memory_seq_positions(self.memory, self.seq_id, out.ctypes.data_as(_int32_p), n),
+                     "seq_positions")
+        return out
+
+    def n_cells(self) -> int:
+        return check_kv(libllama.llama_memory_seq_positions(self.memory, self.seq_id, None, 0), "seq_positions")
+
+    def n_attended(self) -> int:
+        """Cells the next batch attends to (used extent, padded)."""
+        return check_kv(libllama.llama_memory_n_attended(self.memory, self.seq_id), "n_attended")
+
+    def remove(self, positions: npt.ArrayLike) -> int:
+        """Remove positions of the sequence in one batched call; returns the number of cells freed."""
+        pos = np.ascontiguousarray(positions, dtype=np.int32)
+        return check_kv(
+            libllama.llama_memory_seq_rm_pos(self.memory, self.seq_id, pos.ctypes.data_as(_int32_p), pos.size),
+            "seq_rm_pos",
+        )
+
+    def compact(self, keep: npt.ArrayLike | None = None) -> int:
+        """Move kept entries to the front. ``keep``: None (token-level, after remove) or [n_layer, n_head_kv, n]."""
+        if keep is None:
+            return check_kv(libllama.llama_kv_compact(self.ctx, self.seq_id, None, 0), "kv_compact")
+        lists = np.ascontiguousarray(keep, dtype=np.int32)
+        if lists.ndim != 3:
+            raise ValueError(f"keep must have shape [n_layer, n_head_kv, n_keep], got {lists.shape}")
+        return check_kv(
+            libllama.llama_kv_compact(self.ctx, self.seq_id, lists.ctypes.data_as(_int32_p), lists.shape[2]),
+            "kv_compact",
+        )
+
+
+@dataclass
+class KVStats:
+    """What eviction did to the cache, cumulative over a ``Llama``'s life (see ``Llama.kv_stats``)."""
+
+    evictions: int = 0
+    cells_before: int = 0          # cells of the sequence before the last eviction
+    cells_after: int = 0           # ... and after it
+    attended_before: int = 0       # attention window (padded n_kv) before the last eviction
+    attended_after: int = 0        # ... and after it
+    cells_freed: int = 0           # over all evictions
+    bytes_per_cell: int = 0
+    score_s: float = 0.0
+    evict_s: float = 0.0
+    compact_s: float = 0.0
+    history: list[dict] = field(default_factory=list)
+
+    @property
+    def bytes_freed(self) -> int:
+        return self.cells_freed * self.bytes_per_cell
+
+    def as_dict(self) -> dict:
+        out = asdict(self)
+        out["bytes_freed"] = self.bytes_freed
+        return out
+
+
+class EvictionEngine:
+    """Keeps ``n_keep`` cells of a sequence, chosen from per-cell or per-(layer, head) scores."""
+
+    def __init__(self, cache: KVCacheView, n_layer: int, n_head_kv: int, bytes_per_cell: int) -> None:
+        self.cache = cache
+        self.n_layer = n_layer
+        self.n_head_kv = n_head_kv
+        self.stats = KVStats(bytes_per_cell=bytes_per_cell)
+
+    def evict(self, positions: npt.NDArray[np.int32], scores: npt.NDArray[np.float32], n_keep: int,
+              protect: npt.NDArray[np.bool_], score_s: float = 0.0) -> int:
+        """Keep ``n_keep`` of the cells at ``positions`` (the sequence's cells, ascending).
+
+        ``scores`` is ``[n_cells]`` (token-level: one decision per cell) or ``[n_layer, n_head_kv, n_cells]``
+        (head-granular: each KV head keeps its own ``n_keep`` tokens). Protected cells are kept everywhere.
+        Returns the number of cells freed.
+        """
+        n_cells = positions.size
+        if n_keep >= n_cells:
+            return 0
+        head_granular = scores.ndim == 3
+        if head_granular and scores.shape != (self.n_layer, self.n_head_kv, n_cells):
+            raise ValueError(f"per-head scores have shape {scores.shape}, expected "
+                             f"{(self.n_layer, self.n_head_kv, n_cells)}")
+        if not head_granular and scores.shape != (n_cells,):
+            raise ValueError(f"per-cell scores have shape {scores.shape}, expected ({n_cells},)")
+
+        attended_before = self.cache.n_attended()
+        t0 = time.perf_counter()
+        keep_idx = select_topk(scores, n_keep, protect)
+        if head_granular:
+            t1 = time.perf_counter()
+            freed = self.cache.compact(positions[keep_idx])
+        else:
+            removed = np.ones(n_cells, dtype=bool)
+            removed[keep_idx] = False
+            freed = self.cache.remove(positions[removed])
+            t1 = time.perf_counter()
+            freed += self.cache.compact(None)
+        t2 = time.perf_counter()
+
+        stats = self.stats
+        stats.evictions += 1
+        stats.cells_before = n_cells
+        stats.cells_after = self.cache.n_cells()
+        stats.attended_before = attended_before
+        stats.attended_after = self.cache.n_attended()
+        stats.cells_freed += freed
+        stats.score_s += score_s
+        stats.evict_s += t1 - t0
+        stats.compact_s += t2 - t1
+        stats.history.append({"cells_before": n_cells, "cells_after": stats.cells_after, "freed": freed,
+                              "granularity": "head" if head_granular else "token"})
+        logger.debug("evicted %d of %d cells (%s-level); attention window %d -> %d", freed, n_cells,
+                     "head" if head_granular else "token", attended_before, stats.attended_after)
+        return freed
+
+
+def kv_bytes_per_cell(n_layer: int, n_embd_k_gqa: int, n_embd_v_gqa: int, type_k: int, type_v: int) -> int:
+    """Bytes one cell occupies over all layers (K and V rows)."""
+    try:
+        per_layer = n_embd_k_gqa * _GGML_TYPE_BYTES[type_k] + n_embd_v_gqa * _GGML_TYPE_BYTES[type_v]
+    except KeyError as err:
+        raise ValueError(f"unsupported KV cache type {err.args[0]}") from err
+    return int(round(n_layer * per_layer))

@@ -1,0 +1,215 @@
+"""``kvgguf.Llama``: llama_cpp.Llama with KV-cache eviction applied after the prompt is prefilled.
+
+Eviction changes what the cache holds, so the cache stops being a faithful copy of ``input_ids``. Two rules
+follow: positions are never renumbered (the next token goes to ``n_tokens``, which may exceed ``n_ctx``), and
+the parent's automatic prefix reuse is switched off whenever eviction is on, so a lossy cache is never silently
+reused as a token prefix by a later call.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Generator, Sequence
+from typing import Any
+
+import numpy as np
+
+from ._native import llama_cpp, llama_cpp_api
+from .engine import EvictionEngine, KVCacheView, kv_bytes_per_cell
+from .models import check_gguf_file
+from .policies import Policy, ScoreInput
+from .settings import DEFAULT_SINK, DEFAULT_WINDOW, EvictionSettings, validate_settings
+
+logger = logging.getLogger(__name__)
+
+SEQ_ID = 0  # llama_cpp.Llama decodes everything into sequence 0
+
+
+class Llama(llama_cpp.Llama):
+    """Drop-in ``llama_cpp.Llama`` with KV-cache eviction.
+
+    Args (in addition to llama_cpp.Llama's):
+        kv_eviction: policy name (see ``kvgguf.policies.POLICIES``) or None for no eviction.
+        kv_keep: fraction of the evictable prompt cells kept, 0 < r <= 1 (default 0.5 when no budget is given).
+        kv_budget: absolute number of cells kept instead of a fraction.
+        kv_window: most recent cells that are never evicted (and SnapKV's observation window).
+        kv_sink: first cells that are never evicted (attention sinks).
+        kv_granularity: "head" (each KV head keeps its own tokens; default where the policy scores per head)
+            or "token".
+
+    With a policy, prompts longer than ``n_ctx`` are prefilled in chunks with eviction between chunks, and
+    generation that fills the cache evicts again instead of failing; positions may run up to
+    ``max(n_ctx, n_ctx_train)``.
+    """
+
+    def __init__(self, model_path: str, *args: Any, kv_eviction: str | None = None, kv_keep: float | None = None,
+                 kv_budget: int | None = None, kv_window: int = DEFAULT_WINDOW, kv_sink: int = DEFAULT_SINK,
+                 kv_granularity: str | None = None, **kwargs: Any) -> None:
+        settings = validate_settings(kv_eviction, kv_keep, kv_budget, kv_window, kv_sink, kv_granularity)
+        check_gguf_file(model_path)
+        self._kv_settings: EvictionSettings | None = None
+        self._kv_policy: Policy | None = None
+        self._kv_prompt_pending = False
+        super().__init__(model_path, *args, **kwargs)
+        self._check_fits_context(settings)
+
+        cache = KVCacheView(self._ctx.ctx, SEQ_ID)
+        n_layer = llama_cpp_api.llama_model_n_layer(self._model.model)
+        n_head_kv = llama_cpp_api.llama_model_n_head_kv(self._model.model)
+        n_head = llama_cpp_api.llama_model_n_head(self._model.model)
+        n_embd = llama_cpp_api.llama_model_n_embd(self._model.model)
+        arch = self.metadata.get("general.architecture", "")
+        head_k = int(self.metadata.get(f"{arch}.attention.key_length", n_embd // n_head))
+        head_v = int(self.metadata.get(f"{arch}.attention.value_length", head_k))
+        bytes_per_cell = kv_bytes_per_cell(n_layer, n_head_kv * head_k, n_head_kv * head_v,
+                                           int(self.context_params.type_k), int(self.context_params.type_v))
+        self._kv_engine = EvictionEngine(cache, n_layer, n_head_kv, bytes_per_cell)
+        self._apply_settings(settings)
+
+    # --- configuration -----------------------------------------------------------------------------------------
+
+    def configure_kv_eviction(self, kv_eviction: str | None, kv_keep: float | None = None,
+                              kv_budget: int | None = None, kv_window: int = DEFAULT_WINDOW,
+                              kv_sink: int = DEFAULT_SINK, kv_granularity: str | None = None) -> None:
+        """Change the eviction settings of a loaded model; on ValueError the old settings stay in force."""
+        settings = validate_settings(kv_eviction, kv_keep, kv_budget, kv_window, kv_sink, kv_granularity)
+        self._check_fits_context(settings)
+        self._apply_settings(settings)
+        self.reset()  # whatever the cache holds was made under other settings
+
+    def _check_fits_context(self, settings: EvictionSettings | None) -> None:
+        if settings is None:
+            return
+        n_ctx = self.n_ctx()
+        if settings.budget is not None and settings.budget > n_ctx:
+            raise ValueError(f"kv_budget={settings.budget} is larger than n_ctx={n_ctx}")
+        if settings.sink + settings.window + 2 > n_ctx:
+            raise ValueError(f"kv_sink + kv_window = {settings.sink + settings.window} leaves no room in "
+                             f"n_ctx={n_ctx}")
+
+    def _apply_settings(self, settings: EvictionSettings | None) -> None:
+        self._kv_settings = settings
+        self._kv_policy = settings.policy() if settings else None
+        self._kv_prompt_pending = False
+
+    @property
+    def kv_settings(self) -> EvictionSettings | None:
+        return self._kv_settings
+
+    # With eviction, the context window (n_ctx cells) no longer bounds the token positions: the parent's
+    # prompt-length check and max_tokens arithmetic must see the position limit instead.
+    @property
+    def _n_ctx(self) -> int:
+        n_ctx_cells = self.__dict__["_kv_n_ctx_cells"]
+        if self.__dict__.get("_kv_policy") is None:
+            return n_ctx_cells
+        return max(n_ctx_cells, self._model.n_ctx_train())
+
+    @_n_ctx.setter
+    def _n_ctx(self, value: int) -> None:
+        self.__dict__["_kv_n_ctx_cells"] = value
+
+    # --- statistics ----------------------------------------------------------------------------------------------
+
+    def kv_stats(self) -> dict[str, Any]:
+        """Cells before/after the last eviction, attention window, bytes freed, time scoring/evicting/compacting."""
+        stats = self._kv_engine.stats.as_dict()
+        stats["cells_now"] = self._kv_engine.cache.n_cells()
+        stats["attended_now"] = self._kv_engine.cache.n_attended()
+        stats["policy"] = self._kv_settings.policy_name if self._kv_settings else None
+        return stats
+
+    def kv_positions(self) -> np.ndarray:
+        """Positions the cache holds for the model's sequence, ascending."""
+        return self._kv_engine.cache.positions()
+
+    # --- generation hooks ----------------------------------------------------------------------------------------
+
+    def generate(self, tokens: Sequence[int], *args: Any, reset: bool = True,
+                 **kwargs: Any) -> Generator[int, Sequence[int] | None, None]:
+        if self._kv_policy is None:
+            return (yield from super().generate(tokens, *args, reset=reset, **kwargs))
+        if reset:
+            # a lossy cache is not a prefix of anything: start over instead of the parent's prefix matching
+            self.reset()
+            self._kv_prompt_pending = True
+        return (yield from super().generate(tokens, *args, reset=reset, **kwargs))
+
+    def eval(self, tokens: Sequence[int]) -> None:
+        if self._kv_policy is None:
+            return super().eval(tokens)
+        tokens = list(tokens)
+        if self._kv_prompt_pending:
+            self._kv_prompt_pending = False
+            self._prefill_with_eviction(tokens)
+        else:
+            self._make_room(len(tokens))
+            self._eval_growing(tokens)
+        return None
+
+    def _prefill_with_eviction(self, tokens: list[int]) -> None:
+        """Prefill in chunks that fit the cache, evicting between chunks, then evict to the budget."""
+        settings = self._kv_settings
+        assert settings is not None
+        n_prompt_cells = self._kv_engine.cache.n_cells() + len(tokens)
+        chunk = self._chunk_size()
+        for start in range(0, len(tokens), chunk):
+            piece = tokens[start:start + chunk]
+            self._make_room(len(piece))
+            self._eval_growing(piece)
+        self._evict_to(settings.target_cells(n_prompt_cells))
+
+    def _chunk_size(self) -> int:
+        settings = self._kv_settings
+        assert settings is not None
+        room = self.n_ctx() - settings.sink - settings.window - 1
+        return max(1, min(self.n_batch, room // 2))
+
+    def _make_room(self, n_new: int) -> None:
+        """Evict before decoding ``n_new`` tokens if they would not fit in the n_ctx cells."""
+        n_ctx = self.n_ctx()
+        n_cells = self._kv_engine.cache.n_cells()
+        if n_cells + n_new <= n_ctx:
+            return
+        settings = self._kv_settings
+        assert settings is not None
+        slack = min(n_ctx // 8, 256)  # evict a little more than needed so that decoding does not evict every step
+        target = min(settings.target_cells(n_cells), n_ctx - n_new - slack)
+        self._evict_to(max(target, settings.sink + settings.window + 1))
+        if self._kv_engine.cache.n_cells() + n_new > n_ctx:
+            raise ValueError(f"cannot fit {n_new} new tokens into n_ctx={n_ctx} cells with kv_sink + kv_window = "
+                             f"{settings.sink + settings.window} protected; use a larger n_ctx")
+
+    def _evict_to(self, n_keep: int) -> None:
+        positions = self._kv_engine.cache.positions()
+        if positions.size <= n_keep:
+            return
+        settings = self._kv_settings
+        policy = self._kv_policy
+        assert settings is not None and policy is not None
+        t0 = time.perf_counter()
+        scores = policy.score(ScoreInput(positions=positions, n_layer=self._kv_engine.n_layer,
+                                         n_head_kv=self._kv_engine.n_head_kv, attention=None))
+        if scores.ndim == 3 and settings.granularity == "token":
+            scores = scores.max(axis=(0, 1))
+        score_s = time.perf_counter() - t0
+        protect = np.zeros(positions.size, dtype=bool)
+        protect[:settings.sink] = True
+        protect[max(0, positions.size - settings.window):] = True
+        protect[-1] = True
+        self._kv_engine.evict(positions, scores, n_keep, protect, score_s=score_s)
+
+    def _eval_growing(self, tokens: list[int]) -> None:
+        """The parent's eval, with input_ids (and scores when logits_all) grown past n_ctx positions."""
+        needed = self.n_tokens + len(tokens)
+        if needed > self.input_ids.shape[0]:
+            grown = np.zeros(max(needed, 2 * self.input_ids.shape[0]), dtype=self.input_ids.dtype)
+            grown[:self.n_tokens] = self.input_ids[:self.n_tokens]
+            self.input_ids = grown
+        if self._logits_all and needed > self.scores.shape[0]:
+            grown_scores = np.zeros((max(needed, 2 * self.scores.shape[0]), self.scores.shape[1]),
+                                    dtype=self.scores.dtype)
+            grown_scores[:self.n_tokens] = self.scores[:self.n_tokens]
+            self.scores = grown_scores
+        super().eval(tokens)
+

@@ -1,0 +1,92 @@
+"""Validation of the eviction settings at the API edge: bad values raise ValueError naming the value."""
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+
+from .policies import POLICIES, Policy, get_policy
+
+DEFAULT_KEEP = 0.5
+DEFAULT_WINDOW = 32
+DEFAULT_SINK = 4
+GRANULARITIES = ("token", "head")
+
+
+@dataclass(frozen=True)
+class EvictionSettings:
+    """Validated eviction settings. ``keep`` is the fraction of evictable cells kept (kvpress's
+    compression_ratio is 1 - keep); ``budget`` is an absolute number of cells; exactly one is set."""
+
+    policy_name: str
+    keep: float | None
+    budget: int | None
+    window: int
+    sink: int
+    granularity: str
+
+    def policy(self) -> Policy:
+        return get_policy(self.policy_name)
+
+    def target_cells(self, n_cells: int) -> int:
+        """Cells to keep out of ``n_cells`` (never fewer than the protected ones, never more than n_cells)."""
+        n_protected = min(n_cells, self.sink + self.window)
+        if self.budget is not None:
+            target = self.budget
+        else:
+            target = n_protected + math.ceil(self.keep * (n_cells - n_protected))
+        return max(min(target, n_cells), n_protected, 1)
+
+
+def _check_int(name: str, value: object, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def validate_settings(kv_eviction: str | None, kv_keep: float | None = None, kv_budget: int | None = None,
+                      kv_window: int = DEFAULT_WINDOW, kv_sink: int = DEFAULT_SINK,
+                      kv_granularity: str | None = None) -> EvictionSettings | None:
+    """Check the user's eviction arguments; returns None when eviction is off."""
+    if kv_eviction is None:
+        if kv_keep is not None or kv_budget is not None or kv_granularity is not None:
+            raise ValueError("kv_keep / kv_budget / kv_granularity need a kv_eviction policy "
+                             f"(one of {sorted(POLICIES)})")
+        return None
+    if not isinstance(kv_eviction, str) or kv_eviction not in POLICIES:
+        raise ValueError(f"unknown kv_eviction policy {kv_eviction!r}; known: {sorted(POLICIES)}")
+    policy_class = POLICIES[kv_eviction]
+
+    if kv_keep is not None and kv_budget is not None:
+        raise ValueError(f"give kv_keep or kv_budget, not both (got kv_keep={kv_keep!r}, kv_budget={kv_budget!r})")
+    keep: float | None = None
+    budget: int | None = None
+    if kv_budget is not None:
+        budget = _check_int("kv_budget", kv_budget, 1)
+    else:
+        value = DEFAULT_KEEP if kv_keep is None else kv_keep
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise ValueError(f"kv_keep must be a number in (0, 1], got {value!r}")
+        if not math.isfinite(value) or not 0.0 < value <= 1.0:
+            raise ValueError(f"kv_keep must be in (0, 1] (the fraction of cells kept), got {value!r}")
+        keep = float(value)
+
+    window = _check_int("kv_window", kv_window, 0)
+    sink = _check_int("kv_sink", kv_sink, 0)
+    if budget is not None and budget <= window + sink:
+        raise ValueError(f"kv_budget={budget} must exceed the protected cells kv_sink + kv_window = {sink + window}")
+
+    if kv_granularity is None:
+        granularity = "head" if policy_class.scores_per_head else "token"
+    elif kv_granularity not in GRANULARITIES:
+        raise ValueError(f"kv_granularity must be one of {GRANULARITIES}, got {kv_granularity!r}")
+    elif kv_granularity == "head" and not policy_class.scores_per_head:
+        raise ValueError(f"kv_granularity='head' needs a policy that scores per KV head; {kv_eviction!r} "
+                         "scores whole tokens")
+    else:
+        granularity = kv_granularity
+
+    return EvictionSettings(policy_name=kv_eviction, keep=keep, budget=budget, window=window, sink=sink,
+                            granularity=granularity)
