@@ -66,6 +66,11 @@ class Llama(llama_cpp.Llama):
         self._kv_engine = EvictionEngine(cache, n_layer, n_head_kv, bytes_per_cell)
         self._apply_settings(settings)
 
+    def close(self) -> None:
+        # __del__ calls close() even when __init__ raised before the parent set anything up
+        if "_stack" in self.__dict__:
+            super().close()
+
     # --- configuration -----------------------------------------------------------------------------------------
 
     def configure_kv_eviction(self, kv_eviction: str | None, kv_keep: float | None = None,

@@ -1,0 +1,146 @@
+"""kvgguf.Llama end to end on the real model: eviction inside completions, long prompts, bad input."""
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import haystack
+import kvgguf
+from kvgguf import Llama
+from kvgguf._native import LIB_DIR, llama_cpp_api
+
+QUESTION = "\n\nQuestion: What is the secret code for the vault? Answer with the number."
+
+
+def vault_messages(n_sentences: int, code: str = "4821") -> list[dict]:
+    text = haystack(n_sentences, seed=3) + f" The secret code for the vault is {code}."
+    return [{"role": "user", "content": text + QUESTION}]
+
+
+@pytest.fixture(scope="module")
+def streaming_llm(model_path):
+    llm = Llama(model_path, n_ctx=512, n_threads=2, verbose=False, kv_eviction="streaming", kv_keep=0.2)
+    yield llm
+    llm.close()
+
+
+def test_llama_cpp_loads_our_patched_library():
+    """One native build: llama-cpp-python's bindings run on kvgguf's libllama, which has our symbols."""
+    loaded = Path(llama_cpp_api._lib._name).resolve()
+    assert loaded.parent == LIB_DIR
+    for symbol in ("llama_memory_seq_rm_pos", "llama_memory_seq_positions", "llama_kv_compact",
+                   "llama_memory_n_attended"):
+        assert hasattr(llama_cpp_api._lib, symbol), symbol
+    if sys.platform.startswith("linux"):
+        maps = Path("/proc/self/maps").read_text()
+        libllamas = {line.split()[-1] for line in maps.splitlines() if re.search(r"/libllama\.so", line)}
+        assert libllamas == {str(LIB_DIR / "libllama.so")}
+
+
+def test_prompt_longer_than_n_ctx_is_prefilled_in_chunks(streaming_llm):
+    messages = vault_messages(90)
+    n_prompt = len(streaming_llm.tokenize(messages[0]["content"].encode()))
+    assert n_prompt > 2 * streaming_llm.n_ctx()
+    out = streaming_llm.create_chat_completion(messages, max_tokens=24, temperature=0)
+    assert "4821" in out["choices"][0]["message"]["content"]
+    stats = streaming_llm.kv_stats()
+    assert stats["evictions"] >= 2
+    assert stats["cells_now"] <= streaming_llm.n_ctx()
+    assert stats["attended_now"] <= streaming_llm.n_ctx()
+    assert stats["bytes_freed"] == stats["cells_freed"] * 23040  # SmolLM2: 30 layers x (192 K + 192 V) x f16
+    positions = streaming_llm.kv_positions()
+    assert positions[-1] == streaming_llm.n_tokens - 1 and positions.size == stats["cells_now"]
+
+
+def test_without_policy_a_long_prompt_gets_llama_cpp_pythons_error(model_path):
+    llm = Llama(model_path, n_ctx=512, n_threads=2, verbose=False)
+    try:
+        with pytest.raises(ValueError, match="exceed context window"):
+            llm.create_chat_completion(vault_messages(90), max_tokens=4)
+    finally:
+        llm.close()
+
+
+def test_eviction_after_prefill_keeps_the_budget(model_path):
+    llm = Llama(model_path, n_ctx=2048, n_threads=2, verbose=False, kv_eviction="streaming", kv_keep=0.25,
+                kv_window=16, kv_sink=4)
+    try:
+        out = llm.create_chat_completion(vault_messages(40), max_tokens=16, temperature=0)
+        n_prompt = out["usage"]["prompt_tokens"]
+        assert "4821" in out["choices"][0]["message"]["content"]
+        history = llm.kv_stats()["history"]
+        assert len(history) == 1 and history[0]["cells_before"] == n_prompt
+        expected = 20 + int(np.ceil(0.25 * (n_prompt - 20)))
+        assert history[0]["cells_after"] == expected
+        # the prompt's cells were evicted, then the completion's tokens were added
+        assert llm.kv_stats()["cells_now"] == expected + out["usage"]["completion_tokens"]
+    finally:
+        llm.close()
+
+
+def test_streaming_output_and_stop_sequences_work_with_eviction(streaming_llm):
+    chunks = list(streaming_llm.create_chat_completion(vault_messages(60), max_tokens=24, temperature=0,
+                                                       stream=True))
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+    assert "4821" in text
+    stopped = streaming_llm.create_chat_completion(vault_messages(60), max_tokens=24, temperature=0, stop=["48"])
+    content = stopped["choices"][0]["message"]["content"]
+    assert "48" not in content and stopped["choices"][0]["finish_reason"] == "stop"
+    assert text.startswith(content)
+
+
+def test_lossy_cache_is_never_reused_as_a_prefix(model_path, streaming_llm):
+    """Two calls sharing a long prefix: the second answers exactly as a fresh model would."""
+    first = vault_messages(60, code="4821")
+    second = vault_messages(60, code="7390")
+    streaming_llm.create_chat_completion(first, max_tokens=8, temperature=0)
+    reused = streaming_llm.create_chat_completion(second, max_tokens=16, temperature=0)
+    assert streaming_llm.kv_stats()["history"][-1]["cells_before"] <= streaming_llm.n_ctx()
+    fresh_llm = Llama(model_path, n_ctx=512, n_threads=2, verbose=False, kv_eviction="streaming", kv_keep=0.2)
+    try:
+        fresh = fresh_llm.create_chat_completion(second, max_tokens=16, temperature=0)
+    finally:
+        fresh_llm.close()
+    assert reused["choices"][0]["message"]["content"] == fresh["choices"][0]["message"]["content"]
+    assert "7390" in reused["choices"][0]["message"]["content"]
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(kv_eviction="nonsense"), "unknown kv_eviction policy 'nonsense'"),
+    (dict(kv_eviction="streaming", kv_keep=0), "kv_keep must be in \\(0, 1\\].*got 0"),
+    (dict(kv_eviction="streaming", kv_keep=1.5), "got 1.5"),
+    (dict(kv_eviction="streaming", kv_keep=float("nan")), "got nan"),
+    (dict(kv_eviction="streaming", kv_keep="half"), "got 'half'"),
+    (dict(kv_eviction="streaming", kv_budget=100_000), "kv_budget=100000 is larger than n_ctx=512"),
+    (dict(kv_eviction="streaming", kv_budget=10), "kv_budget=10 must exceed"),
+    (dict(kv_eviction="streaming", kv_keep=0.5, kv_budget=300), "not both"),
+    (dict(kv_eviction="streaming", kv_granularity="head"), "scores whole tokens"),
+    (dict(kv_eviction="streaming", kv_window=-1), "kv_window must be >= 0"),
+    (dict(kv_keep=0.5), "need a kv_eviction policy"),
+])
+def test_bad_settings_raise_and_the_model_stays_usable(model_path, streaming_llm, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        Llama(model_path, n_ctx=512, verbose=False, **kwargs)
+    with pytest.raises(ValueError, match=message):
+        streaming_llm.configure_kv_eviction(**{"kv_eviction": None, **kwargs})
+    assert streaming_llm.kv_settings.policy_name == "streaming" and streaming_llm.kv_settings.keep == 0.2
+    out = streaming_llm.create_chat_completion(vault_messages(10), max_tokens=16, temperature=0)
+    assert "4821" in out["choices"][0]["message"]["content"]
+
+
+def test_non_gguf_file_is_rejected(tmp_path):
+    not_gguf = tmp_path / "model.gguf"
+    not_gguf.write_bytes(b"PK\x03\x04 definitely a zip file")
+    with pytest.raises(ValueError, match="is not a GGUF file"):
+        Llama(str(not_gguf), kv_eviction="streaming")
+    with pytest.raises(ValueError, match="is not a file"):
+        Llama(str(tmp_path / "missing.gguf"))
+
+
+def test_default_model_ships_in_the_wheel():
+    path = kvgguf.default_model_path()
+    assert path.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and path.stat().st_size > 90_000_000
