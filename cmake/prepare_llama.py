@@ -11,17 +11,20 @@ Called by CMakeLists.txt at configure time:
 3. ``patches/*.patch`` are applied in name order with ``git apply``; a patch that does not apply fails the build
    with its name.
 
-The destination is re-created whenever the sdist or any patch changes (a stamp file records their digests).
+The tree is prepared again whenever the sdist or any patch changes (a stamp file records their digests); only
+files whose content changed are rewritten, so an incremental build recompiles just what a patch touches.
 """
 from __future__ import annotations
 
 import argparse
+import filecmp
 import hashlib
 import os
 import shutil
 import subprocess
 import sys
 import tarfile
+import tempfile
 from pathlib import Path
 
 PACKAGE = "llama-cpp-python"
@@ -60,8 +63,6 @@ def fetch_sdist(cache: Path) -> Path:
 
 
 def extract_vendor(archive: Path, dest: Path) -> None:
-    if dest.exists():
-        shutil.rmtree(dest)
     dest.mkdir(parents=True)
     with tarfile.open(archive, "r:gz") as tar:
         for member in tar.getmembers():
@@ -90,6 +91,23 @@ def apply_patches(patches: list[Path], dest: Path) -> None:
         print(f"-- kvgguf: applied {patch.name}", flush=True)
 
 
+def sync_tree(src: Path, dest: Path) -> None:
+    """Make dest equal to src, touching only files that differ (their mtimes drive the incremental build)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    wanted = set()
+    for path in src.rglob("*"):
+        relative = path.relative_to(src)
+        wanted.add(relative)
+        target = dest / relative
+        if path.is_dir():
+            target.mkdir(exist_ok=True)
+        elif not target.is_file() or not filecmp.cmp(path, target, shallow=False):
+            shutil.copy2(path, target)
+    for path in sorted(dest.rglob("*"), reverse=True):
+        if path.relative_to(dest) not in wanted and path.name != ".kvgguf-stamp":
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cache", type=Path, required=True, help="where the sdist is kept between builds")
@@ -103,8 +121,12 @@ def main() -> None:
     stamp = args.dest / ".kvgguf-stamp"
     if stamp.exists() and stamp.read_text() == stamp_text:
         return
-    extract_vendor(archive, args.dest)
-    apply_patches(patches, args.dest)
+    args.dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=args.dest.parent) as scratch:
+        fresh = Path(scratch) / "llama.cpp"
+        extract_vendor(archive, fresh)
+        apply_patches(patches, fresh)
+        sync_tree(fresh, args.dest)
     stamp.write_text(stamp_text)
 
 

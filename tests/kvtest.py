@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-import kvgguf  # noqa: F401  (must come before llama_cpp)
+import kvgguf  # (must come before llama_cpp)
+import kvgguf._native
 from kvgguf._native import libllama, llama_cpp_api as C
 from kvgguf.engine import KVCacheView
 
@@ -43,11 +44,12 @@ class RawContext:
     """A llama_context with explicit positions and sequence ids, for checks the Llama class cannot express."""
 
     def __init__(self, model: RawModel, n_ctx: int = 1024, flash_attn: bool = False, n_seq_max: int = 1,
-                 type_k: int = GGML_TYPE_F16, type_v: int = GGML_TYPE_F16, n_batch: int = 512) -> None:
+                 type_k: int = GGML_TYPE_F16, type_v: int = GGML_TYPE_F16, n_batch: int = 512,
+                 n_ubatch: int | None = None, cb_eval=None) -> None:
         params = C.llama_context_default_params()
         params.n_ctx = n_ctx
         params.n_batch = n_batch
-        params.n_ubatch = n_batch
+        params.n_ubatch = n_ubatch or n_batch
         params.n_seq_max = n_seq_max
         params.n_threads = 2
         params.n_threads_batch = 2
@@ -55,6 +57,9 @@ class RawContext:
         params.type_k = type_k
         params.type_v = type_v
         params.kv_unified = True
+        if cb_eval is not None:
+            self._cb_eval = C.ggml_backend_sched_eval_callback(cb_eval)  # keep the thunk alive
+            params.cb_eval = self._cb_eval
         self.model = model
         self.n_batch = n_batch
         self.ctx = C.llama_init_from_model(model.model, params)
@@ -154,3 +159,46 @@ class SeqState:
                 vs.append(np.ascontiguousarray(block.transpose(1, 0, 2)).reshape(n_cells, n_embd * el))
         assert off == len(data), (off, len(data))
         return cls(np.array(positions, dtype=np.int32), np.stack(ks), np.stack(vs))
+
+
+class GGMLTensorHead(ctypes.Structure):
+    """The leading fields of struct ggml_tensor (ggml.h): type, buffer, ne[4], nb[4]."""
+
+    _fields_ = [("type", ctypes.c_int), ("buffer", ctypes.c_void_p),
+                ("ne", ctypes.c_int64 * 4), ("nb", ctypes.c_size_t * 4)]
+
+
+_libggml_base = ctypes.CDLL(str(kvgguf._native.LIB_DIR / "libggml-base.so"))
+_libggml_base.ggml_get_name.argtypes = [ctypes.c_void_p]
+_libggml_base.ggml_get_name.restype = ctypes.c_char_p
+_libggml_base.ggml_nbytes.argtypes = [ctypes.c_void_p]
+_libggml_base.ggml_nbytes.restype = ctypes.c_size_t
+_libggml_base.ggml_backend_tensor_get.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t]
+_libggml_base.ggml_backend_tensor_get.restype = None
+
+
+class SoftMaxCapture:
+    """A cb_eval callback that copies llama.cpp's own kq_soft_max-<il> tensors (non-flash attention path)."""
+
+    def __init__(self) -> None:
+        self.calls: list[dict[int, np.ndarray]] = [{}]   # one dict per ubatch: layer -> [n_head, n_tokens, n_kv]
+
+    def new_ubatch(self) -> None:
+        self.calls.append({})
+
+    def __call__(self, tensor: int, ask: bool, user_data) -> bool:
+        name = _libggml_base.ggml_get_name(tensor).decode()
+        if not name.startswith("kq_soft_max-"):
+            return False
+        if ask:
+            return True
+        head = GGMLTensorHead.from_address(tensor)
+        assert head.type == 0  # f32
+        data = np.empty(_libggml_base.ggml_nbytes(tensor) // 4, dtype=np.float32)
+        _libggml_base.ggml_backend_tensor_get(tensor, data.ctypes.data, 0, data.nbytes)
+        n_kv, n_tok, n_head = head.ne[0], head.ne[1], head.ne[2]
+        layer = int(name.split("-")[1])
+        if layer in self.calls[-1]:
+            self.calls.append({})
+        self.calls[-1][layer] = data.reshape(n_head, n_tok, n_kv).copy()
+        return True

@@ -71,6 +71,23 @@ _declare(libllama, "llama_memory_seq_rm_pos", [_void_p, _int32, _int32_p, _int32
 _declare(libllama, "llama_memory_n_attended", [_void_p, _int32], _int32)
 _declare(libllama, "llama_kv_compact", [_void_p, _int32, _int32_p, _int32], _int32)
 
+
+class AttnTapParams(ctypes.Structure):
+    """struct llama_attn_tap_params (patches/0003)."""
+
+    _fields_ = [
+        ("seq_id", ctypes.c_int32),
+        ("p0", ctypes.c_int32),
+        ("p1", ctypes.c_int32),
+        ("reduce_rows", ctypes.c_int32),
+        ("reduce_heads", ctypes.c_int32),
+    ]
+
+
+_declare(libllama, "llama_attn_tap_set", [_void_p, ctypes.POINTER(AttnTapParams)], _int32)
+_declare(libllama, "llama_attn_tap_n_rows", [_void_p], _int32)
+_declare(libllama, "llama_attn_tap_get", [_void_p, _int32, _float_p, _int32], _int32)
+
 # --- libkvgguf (native/include/kvgguf.h) ---
 _declare(libkvgguf, "kvgguf_api_version", [], _int32)
 _declare(libkvgguf, "kvgguf_maxpool1d", [_float_p, _float_p, _int64, _int64, _int32], _int32)
@@ -115,5 +132,5 @@ def check_kvgguf(code: int, what: str) -> None:
 
 
 __all__ = [
-    "LIB_DIR", "NativeError", "check_kv", "check_kvgguf", "libkvgguf", "libllama", "llama_cpp", "llama_cpp_api",
+    "AttnTapParams", "LIB_DIR", "NativeError", "check_kv", "check_kvgguf", "libkvgguf", "libllama", "llama_cpp", "llama_cpp_api",
 ]

@@ -1,0 +1,46 @@
+"""The attention tap (patches/0003): per-(layer, KV head, cell) attention received from observer queries."""
+from __future__ import annotations
+
+import ctypes
+
+import numpy as np
+import numpy.typing as npt
+
+from ._native import KVGGUF_REDUCE, AttnTapParams, check_kv, libllama
+
+_float_p = ctypes.POINTER(ctypes.c_float)
+
+
+class AttentionTap:
+    """Start, read and stop the tap of one llama.cpp context.
+
+    While it runs, every decode adds the attention that the observer queries (tokens of ``seq_id`` with
+    positions in ``[p0, p1)``) pay to each cell, reduced over those queries by ``reduce_rows``; reading reduces
+    the query heads of each KV group by ``reduce_heads``. Read before evicting: scores follow cell indices.
+    """
+
+    def __init__(self, ctx: ctypes.c_void_p, n_layer: int, n_head_kv: int) -> None:
+        self.ctx = ctx
+        self.n_layer = n_layer
+        self.n_head_kv = n_head_kv
+
+    def start(self, seq_id: int, p0: int, p1: int, reduce_rows: str = "mean", reduce_heads: str = "mean") -> None:
+        for name, value in (("reduce_rows", reduce_rows), ("reduce_heads", reduce_heads)):
+            if value not in KVGGUF_REDUCE:
+                raise ValueError(f"{name} must be one of {sorted(KVGGUF_REDUCE)}, got {value!r}")
+        params = AttnTapParams(seq_id, p0, p1, KVGGUF_REDUCE[reduce_rows], KVGGUF_REDUCE[reduce_heads])
+        check_kv(libllama.llama_attn_tap_set(self.ctx, ctypes.byref(params)), "attn_tap_set")
+
+    def stop(self) -> None:
+        check_kv(libllama.llama_attn_tap_set(self.ctx, None), "attn_tap_set")
+
+    def n_rows(self) -> int:
+        return libllama.llama_attn_tap_n_rows(self.ctx)
+
+    def scores(self, seq_id: int) -> npt.NDArray[np.float32]:
+        """[n_layer, n_head_kv, n_cells] for the cells of ``seq_id`` in ascending position order."""
+        n = check_kv(libllama.llama_attn_tap_get(self.ctx, seq_id, None, 0), "attn_tap_get")
+        out = np.zeros((self.n_layer, self.n_head_kv, n), dtype=np.float32)
+        if n:
+            check_kv(libllama.llama_attn_tap_get(self.ctx, seq_id, out.ctypes.data_as(_float_p), n), "attn_tap_get")
+        return out
