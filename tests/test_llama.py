@@ -78,6 +78,11 @@ def test_eviction_after_prefill_keeps_the_budget(model_path):
         assert history[0]["cells_after"] == expected
         # the prompt's cells were evicted, then the completion's tokens were added
         assert llm.kv_stats()["cells_now"] == expected + out["usage"]["completion_tokens"]
+        # a second call starts from an empty cache: the budget is taken of its own prompt only
+        again = llm.create_chat_completion(vault_messages(30), max_tokens=4, temperature=0)
+        n_prompt = again["usage"]["prompt_tokens"]
+        assert llm.kv_stats()["history"][-1] == {"cells_before": n_prompt, "freed": n_prompt - (20 + int(np.ceil(
+            0.25 * (n_prompt - 20)))), "cells_after": 20 + int(np.ceil(0.25 * (n_prompt - 20))), "granularity": "token"}
     finally:
         llm.close()
 

@@ -19,10 +19,12 @@ from .engine import EvictionEngine, KVCacheView, kv_bytes_per_cell
 from .models import check_gguf_file
 from .policies import Policy, ScoreInput
 from .settings import DEFAULT_SINK, DEFAULT_WINDOW, EvictionSettings, validate_settings
+from .tap import AttentionTap
 
 logger = logging.getLogger(__name__)
 
 SEQ_ID = 0  # llama_cpp.Llama decodes everything into sequence 0
+POS_END = 2**31 - 1  # an open end for the tap's position range
 
 
 class Llama(llama_cpp.Llama):
@@ -64,6 +66,8 @@ class Llama(llama_cpp.Llama):
         bytes_per_cell = kv_bytes_per_cell(n_layer, n_head_kv * head_k, n_head_kv * head_v,
                                            int(self.context_params.type_k), int(self.context_params.type_v))
         self._kv_engine = EvictionEngine(cache, n_layer, n_head_kv, bytes_per_cell)
+        self._kv_tap = AttentionTap(self._ctx.ctx, n_layer, n_head_kv)
+        self._kv_tap_running = False
         self._apply_settings(settings)
 
     def close(self) -> None:
@@ -93,6 +97,7 @@ class Llama(llama_cpp.Llama):
                              f"n_ctx={n_ctx}")
 
     def _apply_settings(self, settings: EvictionSettings | None) -> None:
+        self._stop_tap()
         self._kv_settings = settings
         self._kv_policy = settings.policy() if settings else None
         self._kv_prompt_pending = False
@@ -128,6 +133,28 @@ class Llama(llama_cpp.Llama):
         """Positions the cache holds for the model's sequence, ascending."""
         return self._kv_engine.cache.positions()
 
+    def reset(self) -> None:
+        super().reset()
+        self._stop_tap()
+
+    # --- attention tap ---
+
+    def _observation_window(self) -> int:
+        settings = self._kv_settings
+        assert settings is not None
+        return max(1, settings.window)
+
+    def _start_tap(self, p0: int, p1: int) -> None:
+        policy = self._kv_policy
+        assert policy is not None
+        self._kv_tap.start(SEQ_ID, p0, p1, policy.tap_reduce_rows, policy.tap_reduce_heads)
+        self._kv_tap_running = True
+
+    def _stop_tap(self) -> None:
+        if self.__dict__.get("_kv_tap_running"):
+            self._kv_tap.stop()
+            self._kv_tap_running = False
+
     # --- generation hooks ----------------------------------------------------------------------------------------
 
     def generate(self, tokens: Sequence[int], *args: Any, reset: bool = True,
@@ -148,6 +175,10 @@ class Llama(llama_cpp.Llama):
             self._kv_prompt_pending = False
             self._prefill_with_eviction(tokens)
         else:
+            if (self._kv_policy.needs_attention and not self._kv_tap_running and
+                    self._kv_engine.cache.n_cells() + len(tokens) > self.n_ctx() - self._observation_window() - 1):
+                # the cache is about to fill: the next tokens observe, as the prompt's last tokens did at prefill
+                self._start_tap(self.n_tokens, POS_END)
             self._make_room(len(tokens))
             self._eval_growing(tokens)
         return None
@@ -156,13 +187,21 @@ class Llama(llama_cpp.Llama):
         """Prefill in chunks that fit the cache, evicting between chunks, then evict to the budget."""
         settings = self._kv_settings
         assert settings is not None
+        self._ctx.kv_cache_seq_rm(-1, self.n_tokens, -1)  # what the parent's eval would drop anyway
         n_prompt_cells = self._kv_engine.cache.n_cells() + len(tokens)
         chunk = self._chunk_size()
         for start in range(0, len(tokens), chunk):
             piece = tokens[start:start + chunk]
             self._make_room(len(piece))
+            if self._kv_policy is not None and self._kv_policy.needs_attention:
+                # the last tokens of each chunk are the observers for the eviction that follows it
+                end = self.n_tokens + len(piece)
+                self._start_tap(max(0, end - self._observation_window()), end)
             self._eval_growing(piece)
-        self._evict_to(settings.target_cells(n_prompt_cells))
+        # leave room for the observation window of a later, decode-time eviction
+        room_cap = self.n_ctx() - self._observation_window() - 2
+        self._evict_to(min(settings.target_cells(n_prompt_cells), room_cap))
+        self._stop_tap()
 
     def _chunk_size(self) -> int:
         settings = self._kv_settings
@@ -178,9 +217,10 @@ class Llama(llama_cpp.Llama):
             return
         settings = self._kv_settings
         assert settings is not None
-        slack = min(n_ctx // 8, 256)  # evict a little more than needed so that decoding does not evict every step
-        target = min(settings.target_cells(n_cells), n_ctx - n_new - slack)
-        self._evict_to(max(target, settings.sink + settings.window + 1))
+        # only make room: the budget is applied once the whole prompt is known (a query-aware policy sees the
+        # question last). A little slack keeps decoding from evicting at every step.
+        slack = min(n_ctx // 8, 256)
+        self._evict_to(max(n_ctx - n_new - slack, settings.sink + settings.window + 1))
         if self._kv_engine.cache.n_cells() + n_new > n_ctx:
             raise ValueError(f"cannot fit {n_new} new tokens into n_ctx={n_ctx} cells with kv_sink + kv_window = "
                              f"{settings.sink + settings.window} protected; use a larger n_ctx")
@@ -193,8 +233,16 @@ class Llama(llama_cpp.Llama):
         policy = self._kv_policy
         assert settings is not None and policy is not None
         t0 = time.perf_counter()
+        attention = None
+        if policy.needs_attention:
+            if self._kv_tap_running and self._kv_tap.n_rows() > 0:
+                attention = self._kv_tap.scores(SEQ_ID)
+            else:
+                # cannot happen in the prefill/decode flow above (the tap always runs before an eviction);
+                # refuse rather than evict blindly
+                raise RuntimeError(f"{policy.name} needs attention scores, but the tap observed no query")
         scores = policy.score(ScoreInput(positions=positions, n_layer=self._kv_engine.n_layer,
-                                         n_head_kv=self._kv_engine.n_head_kv, attention=None))
+                                         n_head_kv=self._kv_engine.n_head_kv, attention=attention))
         if scores.ndim == 3 and settings.granularity == "token":
             scores = scores.max(axis=(0, 1))
         score_s = time.perf_counter() - t0
@@ -202,6 +250,7 @@ class Llama(llama_cpp.Llama):
         protect[:settings.sink] = True
         protect[max(0, positions.size - settings.window):] = True
         protect[-1] = True
+        self._stop_tap()  # the scores follow cell indices, which the eviction changes
         self._kv_engine.evict(positions, scores, n_keep, protect, score_s=score_s)
 
     def _eval_growing(self, tokens: list[int]) -> None:

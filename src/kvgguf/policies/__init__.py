@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 from .base import Policy, ScoreInput
+from .snapkv import SnapKVPolicy
 from .streaming import StreamingPolicy
 
 POLICIES: dict[str, type[Policy]] = {
+    SnapKVPolicy.name: SnapKVPolicy,
     StreamingPolicy.name: StreamingPolicy,
 }
 

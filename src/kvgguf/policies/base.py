@@ -27,6 +27,9 @@ class Policy(ABC):
     scores_per_head: ClassVar[bool] = False
     # True if score() needs ScoreInput.attention (the attention tap over the observation window)
     needs_attention: ClassVar[bool] = False
+    # how the tap reduces the observer queries and the query heads of a KV group ("max" or "mean")
+    tap_reduce_rows: ClassVar[str] = "mean"
+    tap_reduce_heads: ClassVar[str] = "mean"
 
     @abstractmethod
     def score(self, inputs: ScoreInput) -> npt.NDArray[np.float32]:
