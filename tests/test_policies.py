@@ -1,0 +1,83 @@
+"""Eviction policies on the real model: what they keep, and that answers survive where they should."""
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+
+from conftest import HAYSTACK_SENTENCES
+from kvgguf import Llama
+
+NEEDLE = "The secret code for the vault is 4821."
+QUESTION = "\n\nQuestion: What is the secret code for the vault? Answer with the number."
+
+
+def needle_messages(n_sentences: int, depth: float, seed: int = 0) -> list[dict]:
+    """A needle sentence at ``depth`` (0 = start, 1 = end) of a haystack, the question at the end."""
+    rng = random.Random(seed)
+    sentences = [rng.choice(HAYSTACK_SENTENCES) for _ in range(n_sentences)]
+    sentences.insert(int(depth * n_sentences), NEEDLE)
+    return [{"role": "user", "content": " ".join(sentences) + QUESTION}]
+
+
+def answer(llm: Llama, messages: list[dict], **kwargs) -> str:
+    out = llm.create_chat_completion(messages, max_tokens=20, temperature=0, **kwargs)
+    return out["choices"][0]["message"]["content"]
+
+
+@pytest.fixture(scope="module")
+def needle() -> list[dict]:
+    return needle_messages(80, depth=0.3)   # ~1.6K tokens, the needle far from the end
+
+
+def test_full_cache_answers_the_needle(model_path, needle):
+    llm = Llama(model_path, n_ctx=4096, n_threads=2, verbose=False)
+    try:
+        assert "4821" in answer(llm, needle)
+    finally:
+        llm.close()
+
+
+@pytest.mark.parametrize("granularity", ["head", "token"])
+def test_snapkv_keeps_the_needle_at_keep_0_2(model_path, needle, granularity):
+    llm = Llama(model_path, n_ctx=4096, n_threads=2, verbose=False, kv_eviction="snapkv", kv_keep=0.2,
+                kv_granularity=granularity)
+    try:
+        assert "4821" in answer(llm, needle)
+        stats = llm.kv_stats()
+        (eviction,) = stats["history"]
+        n_prompt = eviction["cells_before"]
+        assert n_prompt > 1500 and eviction["granularity"] == granularity
+        # the cache really holds <= 20% of the prompt's cells + the window (+ the sinks)
+        assert eviction["cells_after"] <= 0.2 * n_prompt + llm.kv_settings.window + llm.kv_settings.sink
+        assert stats["attended_after"] <= 512 < stats["attended_before"]
+        assert stats["score_s"] > 0 and stats["compact_s"] > 0
+    finally:
+        llm.close()
+
+
+def test_streaming_at_the_same_budget_loses_the_needle(model_path, needle):
+    """The needle is not among the recent tokens: keeping it takes importance scores, not recency."""
+    llm = Llama(model_path, n_ctx=4096, n_threads=2, verbose=False, kv_eviction="streaming", kv_keep=0.2)
+    try:
+        assert "4821" not in answer(llm, needle)
+    finally:
+        llm.close()
+
+
+def test_snapkv_prefills_long_prompts_in_chunks_and_evicts_while_generating(model_path):
+    llm = Llama(model_path, n_ctx=512, n_threads=2, verbose=False, kv_eviction="snapkv", kv_keep=0.2)
+    try:
+        long_prompt = needle_messages(100, depth=1.0)  # ~2K tokens; the fact right before the question
+        assert "4821" in answer(llm, long_prompt)
+        stats = llm.kv_stats()
+        assert stats["evictions"] >= 3 and stats["cells_now"] <= llm.n_ctx()
+        story = llm.create_chat_completion([{"role": "user", "content": "Write a very long story about a dragon."}],
+                                           max_tokens=600, temperature=0)
+        assert story["usage"]["completion_tokens"] == 600 and story["choices"][0]["finish_reason"] == "length"
+        assert llm.kv_stats()["cells_now"] <= llm.n_ctx()
+        positions = llm.kv_positions()
+        assert positions[-1] == llm.n_tokens - 1 and np.all(np.diff(positions) > 0)
+    finally:
+        llm.close()
