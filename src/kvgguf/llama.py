@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from ._native import llama_cpp, llama_cpp_api
+from ._native import libllama, llama_cpp, llama_cpp_api
 from .engine import EvictionEngine, KVCacheView, kv_bytes_per_cell
 from .models import check_gguf_file
 from .policies import Policy, ScoreInput
@@ -53,7 +53,6 @@ class Llama(llama_cpp.Llama):
         self._kv_policy: Policy | None = None
         self._kv_prompt_pending = False
         super().__init__(model_path, *args, **kwargs)
-        self._check_fits_context(settings)
 
         cache = KVCacheView(self._ctx.ctx, SEQ_ID)
         n_layer = llama_cpp_api.llama_model_n_layer(self._model.model)
@@ -68,6 +67,7 @@ class Llama(llama_cpp.Llama):
         self._kv_engine = EvictionEngine(cache, n_layer, n_head_kv, bytes_per_cell)
         self._kv_tap = AttentionTap(self._ctx.ctx, n_layer, n_head_kv)
         self._kv_tap_running = False
+        self._check_supported(settings)
         self._apply_settings(settings)
 
     def close(self) -> None:
@@ -82,13 +82,17 @@ class Llama(llama_cpp.Llama):
                               kv_sink: int = DEFAULT_SINK, kv_granularity: str | None = None) -> None:
         """Change the eviction settings of a loaded model; on ValueError the old settings stay in force."""
         settings = validate_settings(kv_eviction, kv_keep, kv_budget, kv_window, kv_sink, kv_granularity)
-        self._check_fits_context(settings)
+        self._check_supported(settings)
         self._apply_settings(settings)
         self.reset()  # whatever the cache holds was made under other settings
 
-    def _check_fits_context(self, settings: EvictionSettings | None) -> None:
+    def _check_supported(self, settings: EvictionSettings | None) -> None:
         if settings is None:
             return
+        memory = self._kv_engine.cache.memory
+        if libllama.llama_memory_n_attended(memory, SEQ_ID) < 0:
+            raise ValueError(f"kv_eviction={settings.policy_name!r} needs a single attention KV cache; this model's "
+                             "memory (recurrent, hybrid or sliding-window + full caches) is not supported yet")
         n_ctx = self.n_ctx()
         if settings.budget is not None and settings.budget > n_ctx:
             raise ValueError(f"kv_budget={settings.budget} is larger than n_ctx={n_ctx}")
@@ -190,11 +194,16 @@ class Llama(llama_cpp.Llama):
         self._ctx.kv_cache_seq_rm(-1, self.n_tokens, -1)  # what the parent's eval would drop anyway
         n_prompt_cells = self._kv_engine.cache.n_cells() + len(tokens)
         chunk = self._chunk_size()
-        for start in range(0, len(tokens), chunk):
+        n_ctx = self.n_ctx()
+        starts = list(range(0, len(tokens), chunk))
+        for i, start in enumerate(starts):
             piece = tokens[start:start + chunk]
             self._make_room(len(piece))
-            if self._kv_policy is not None and self._kv_policy.needs_attention:
-                # the last tokens of each chunk are the observers for the eviction that follows it
+            is_last = i == len(starts) - 1
+            next_len = 0 if is_last else len(tokens[starts[i + 1]:starts[i + 1] + chunk])
+            evicts_next = is_last or self._kv_engine.cache.n_cells() + len(piece) + next_len > n_ctx
+            if self._kv_policy is not None and self._kv_policy.needs_attention and evicts_next:
+                # the last tokens of a chunk that an eviction follows are the observers for that eviction
                 end = self.n_tokens + len(piece)
                 self._start_tap(max(0, end - self._observation_window()), end)
             self._eval_growing(piece)
