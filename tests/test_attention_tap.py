@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import haystack
+from kvgguf.text import haystack
 from kvtest import GGML_TYPE_F16, GGML_TYPE_Q8_0, RawContext, SoftMaxCapture
 from kvgguf._native import NativeError
 from kvgguf.tap import AttentionTap

@@ -14,7 +14,7 @@ import pytest
 import torch  # the [test] extra installs torch (CPU), transformers and accelerate
 import transformers
 
-from conftest import haystack
+from kvgguf.text import haystack
 from kvtest import RawContext
 
 N_PROMPT = 300

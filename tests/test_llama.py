@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import haystack
+from kvgguf.text import haystack
 import kvgguf
 from kvgguf import Llama
 from kvgguf._native import LIB_DIR, llama_cpp_api
@@ -149,3 +149,19 @@ def test_non_gguf_file_is_rejected(tmp_path):
 def test_default_model_ships_in_the_wheel():
     path = kvgguf.default_model_path()
     assert path.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and path.stat().st_size > 90_000_000
+
+
+def test_call_with_logprobs_past_n_ctx(model_path):
+    """__call__ (create_completion) with logits_all and logprobs on a prompt longer than the cache."""
+    llm = Llama(model_path, n_ctx=512, n_threads=2, verbose=False, logits_all=True, kv_eviction="snapkv",
+                kv_keep=0.3)
+    try:
+        prompt = haystack(60, seed=5) + " The secret code for the vault is 4821. The secret code for the vault is"
+        out = llm(prompt, max_tokens=5, temperature=0, logprobs=2)
+        assert out["usage"]["prompt_tokens"] > 2 * llm.n_ctx()
+        assert "4821" in out["choices"][0]["text"].replace(" ", "")
+        top = out["choices"][0]["logprobs"]["top_logprobs"]
+        assert len(top) == out["usage"]["completion_tokens"] and all(len(t) == 2 for t in top)
+        assert llm.kv_stats()["cells_now"] <= llm.n_ctx()
+    finally:
+        llm.close()

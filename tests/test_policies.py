@@ -1,13 +1,11 @@
 """Eviction policies on the real model: what they keep, and that answers survive where they should."""
 from __future__ import annotations
 
-import random
-
 import numpy as np
 import pytest
 
-from conftest import HAYSTACK_SENTENCES
 from kvgguf import Llama
+from kvgguf.text import filler_sentences
 
 NEEDLE = "The secret code for the vault is 4821."
 QUESTION = "\n\nQuestion: What is the secret code for the vault? Answer with the number."
@@ -15,8 +13,7 @@ QUESTION = "\n\nQuestion: What is the secret code for the vault? Answer with the
 
 def needle_messages(n_sentences: int, depth: float, seed: int = 0) -> list[dict]:
     """A needle sentence at ``depth`` (0 = start, 1 = end) of a haystack, the question at the end."""
-    rng = random.Random(seed)
-    sentences = [rng.choice(HAYSTACK_SENTENCES) for _ in range(n_sentences)]
+    sentences = filler_sentences(n_sentences, seed)
     sentences.insert(int(depth * n_sentences), NEEDLE)
     return [{"role": "user", "content": " ".join(sentences) + QUESTION}]
 

@@ -12,19 +12,13 @@ logger = logging.getLogger("kvgguf")
 
 DEMO_FACT = "The secret code for the vault is 4821."
 DEMO_QUESTION = "What is the secret code for the vault? Answer with the number."
-DEMO_SENTENCES = [
-    "In the old harbour town, the lighthouse keeper wrote every evening about ships, weather and passers-by.",
-    "The baker on the corner opened before dawn and sold rye bread, almond cakes and small pies.",
-    "Children walked along the pier after school, counting gulls and the fishing boats coming home.",
-    "A narrow road climbed the hill past the chapel, the orchard and a row of white stone houses.",
-]
-
 
 def _demo(args: argparse.Namespace) -> int:
     from . import Llama, default_model_path
+    from .text import haystack
 
     model = args.model or str(default_model_path())
-    document = " ".join(DEMO_SENTENCES[i % len(DEMO_SENTENCES)] for i in range(args.sentences))
+    document = haystack(args.sentences)
     messages = [{"role": "user", "content": f"{document} {DEMO_FACT}\n\nQuestion: {DEMO_QUESTION}"}]
     results = {}
     for label, settings in (("full cache", {}),

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import random
 import statistics
 import time
 from pathlib import Path
@@ -21,26 +20,18 @@ from tqdm import tqdm
 from ..engine import KVCacheView
 from ..llama import Llama
 from ..models import default_model_path
+from ..text import haystack
 from . import report
 
 logger = logging.getLogger(__name__)
 
-FILLER = [
-    "In the old harbour town, the lighthouse keeper wrote every evening about ships, weather and passers-by.",
-    "The baker on the corner opened before dawn and sold rye bread, almond cakes and small pies.",
-    "Children walked along the pier after school, counting gulls and the fishing boats coming home.",
-    "A narrow road climbed the hill past the chapel, the orchard and a row of white stone houses.",
-    "On market days farmers brought cheese, apples and wool, and the square filled with voices.",
-    "The river bent twice before reaching the sea, and its banks were lined with willows and reeds.",
-]
-
-
 def filler_tokens(llm: Llama, n_tokens: int, seed: int = 0) -> list[int]:
-    rng = random.Random(seed)
-    text = " ".join(rng.choice(FILLER) for _ in range(n_tokens // 10))
-    tokens = llm.tokenize(text.encode(), add_bos=True)
+    """Exactly ``n_tokens`` tokens of filler prose (a sentence is ~20 tokens)."""
+    n_sentences = max(1, n_tokens // 10)
+    tokens = llm.tokenize(haystack(n_sentences, seed).encode(), add_bos=True)
     while len(tokens) < n_tokens:
-        tokens += llm.tokenize((" " + " ".join(rng.choice(FILLER) for _ in range(50))).encode(), add_bos=False)
+        n_sentences *= 2
+        tokens = llm.tokenize(haystack(n_sentences, seed).encode(), add_bos=True)
     return tokens[:n_tokens]
 
 
