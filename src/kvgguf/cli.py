@@ -57,13 +57,16 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--threads", type=int, default=2)
     demo.set_defaults(run=_demo)
 
-    from .bench import speed
+    from .bench import accuracy, speed
 
     bench = commands.add_parser("bench", help="benchmarks; results go to docs/benchmarks/ as JSON, markdown, PNG")
     suites = bench.add_subparsers(dest="suite", required=True)
     speed_parser = suites.add_parser("speed", help="prefill, eviction cost and decode speed (8K -> 2K)")
     speed.add_arguments(speed_parser)
     speed_parser.set_defaults(run=speed.main)
+    accuracy_parser = suites.add_parser("accuracy", help="accuracy vs kept ratio on generated long-context tasks")
+    accuracy.add_arguments(accuracy_parser)
+    accuracy_parser.set_defaults(run=accuracy.main)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(name)s: %(message)s")
     return args.run(args)

@@ -171,6 +171,14 @@ class Llama(llama_cpp.Llama):
             self._kv_prompt_pending = True
         return (yield from super().generate(tokens, *args, reset=reset, **kwargs))
 
+    def prefill(self, tokens: Sequence[int]) -> None:
+        """Decode ``tokens`` as a new prompt: the cache starts empty, is filled in chunks and, with a policy,
+        evicted to the budget. Continue with ``generate(more_tokens, reset=False)``: when the question comes
+        in ``more_tokens``, this is query-agnostic compression (the policy never saw the question)."""
+        self.reset()
+        self._kv_prompt_pending = self._kv_policy is not None
+        self.eval(tokens)
+
     def eval(self, tokens: Sequence[int]) -> None:
         if self._kv_policy is None:
             return super().eval(tokens)

@@ -105,8 +105,12 @@ def _variable_tracking(rng: random.Random, n_tokens: int, count: TokenCounter) -
 def _common_words(rng: random.Random, n_tokens: int, count: TokenCounter) -> tuple[str, str, tuple[str, ...]]:
     frequent = rng.sample(WORDS, 3)
     rare = [w for w in WORDS if w not in frequent]
-    per_word = max(1, count(" ".join(WORDS)) // len(WORDS))
-    n_words = max(60, n_tokens // per_word)
+    def listing_tokens(n: int) -> int:  # numbered entries grow with the number of digits: measure, then scale
+        return count(" ".join(f"{i + 1}. {WORDS[i % len(WORDS)]}" for i in range(n)))
+
+    n_words = max(60, n_tokens // 4)
+    for _ in range(2):
+        n_words = max(60, int(n_words * n_tokens / listing_tokens(n_words)))
     words = [rng.choice(rare) for _ in range(n_words)]
     for i in rng.sample(range(n_words), k=min(n_words, n_words // 4)):
         words[i] = frequent[i % 3]

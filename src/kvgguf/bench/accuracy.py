@@ -1,0 +1,203 @@
+"""``kvgguf bench accuracy``: accuracy of each policy x kept ratio x task x length, in two settings.
+
+- query-aware: the question is part of the prompt when the cache is compressed;
+- query-agnostic: the context is compressed first and the question asked afterwards (KVzip's setting).
+
+Both settings run the same tokens through the same generation loop (greedy); only the place of the eviction
+differs. kv_keep = 1.0 is the full cache (no eviction) and is run once per sample.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+from tqdm import tqdm
+
+from .._native import llama_cpp_api
+from ..llama import Llama
+from ..models import default_model_path
+from . import report
+from .tasks import TASKS, Sample, generate, score
+
+logger = logging.getLogger(__name__)
+
+SETTINGS = ("query-aware", "query-agnostic")
+QUICK = dict(lengths=[1024], samples=2, keeps=[1.0, 0.5, 0.2])
+FULL = dict(lengths=[1024, 2048, 4096], samples=5, keeps=[1.0, 0.5, 0.3, 0.2, 0.1])
+
+
+@dataclass
+class PromptTokens:
+    context: list[int]    # chat template + context: what a query-agnostic policy compresses
+    question: list[int]   # question + assistant header: decoded after the compression
+
+
+def split_prompt(llm: Llama, formatter: Jinja2ChatFormatter, sample: Sample) -> PromptTokens:
+    """The chat-formatted prompt, tokenized in two parts at the end of the context."""
+    prompt = formatter(messages=[{"role": "user", "content": sample.prompt()}]).prompt
+    end = prompt.index(sample.context) + len(sample.context)
+    return PromptTokens(context=llm.tokenize(prompt[:end].encode(), add_bos=False, special=True),
+                        question=llm.tokenize(prompt[end:].encode(), add_bos=False, special=True))
+
+
+def answer(llm: Llama, tokens: PromptTokens, setting: str, max_tokens: int) -> str:
+    """Greedy answer; the eviction (if any) happens after the context or after the question."""
+    if setting == "query-aware":
+        llm.prefill(tokens.context + tokens.question)
+        rest: list[int] = []
+    else:
+        llm.prefill(tokens.context)
+        rest = tokens.question
+    vocab = llama_cpp_api.llama_model_get_vocab(llm.model)
+    out: list[int] = []
+    for token in llm.generate(rest, reset=False, temp=0.0, top_k=1, repeat_penalty=1.0):
+        if llama_cpp_api.llama_vocab_is_eog(vocab, token) or len(out) >= max_tokens:
+            break
+        out.append(token)
+    return llm.detokenize(out).decode("utf-8", errors="ignore")
+
+
+def run(model: str, tasks: list[str], lengths: list[int], keeps: list[float], policies: list[str], samples: int,
+        settings: list[str], threads: int, max_tokens: int = 32) -> list[dict[str, Any]]:
+    n_ctx = max(lengths) + 256
+    llm = Llama(model, n_ctx=n_ctx, n_batch=512, n_threads=threads, n_threads_batch=threads, verbose=False)
+    formatter = Jinja2ChatFormatter(template=llm.metadata["tokenizer.chat_template"],
+                                    eos_token=llm.detokenize([llm.token_eos()]).decode(),
+                                    bos_token=llm.detokenize([llm.token_bos()]).decode())
+    count = lambda text: len(llm.tokenize(text.encode(), add_bos=False))  # noqa: E731
+    configs = [("full", 1.0)] if 1.0 in keeps else []
+    configs += [(policy, keep) for policy, keep in itertools.product(policies, keeps) if keep < 1.0]
+    jobs = list(itertools.product(tasks, lengths, range(samples)))
+    rows = []
+    progress = tqdm(total=len(jobs) * len(configs) * len(settings), desc="bench accuracy", unit="answer")
+    for task, length, seed in jobs:
+        sample = generate(task, length, seed, count)
+        tokens = split_prompt(llm, formatter, sample)
+        for (policy, keep), setting in itertools.product(configs, settings):
+            if policy == "full":
+                llm.configure_kv_eviction(None)
+            else:
+                llm.configure_kv_eviction(policy, kv_keep=keep)
+            output = answer(llm, tokens, setting, max_tokens)
+            stats = llm.kv_stats()
+            rows.append({"task": task, "length": length, "seed": seed, "policy": policy, "keep": keep,
+                         "setting": setting, "score": score(sample, output), "output": output,
+                         "prompt_tokens": len(tokens.context) + len(tokens.question),
+                         "cells_after_eviction": stats["cells_after"] if policy != "full" else None})
+            progress.update()
+    progress.close()
+    llm.close()
+    return rows
+
+
+def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mean score and sample count per (setting, policy, keep, task, length)."""
+    groups: dict[tuple, list[float]] = {}
+    for row in rows:
+        key = (row["setting"], row["policy"], row["keep"], row["task"], row["length"])
+        groups.setdefault(key, []).append(row["score"])
+    return [{"setting": k[0], "policy": k[1], "keep": k[2], "task": k[3], "length": k[4],
+             "accuracy": sum(v) / len(v), "n": len(v)} for k, v in sorted(groups.items())]
+
+
+def markdown(summary: list[dict[str, Any]], env: dict[str, Any]) -> str:
+    lines = ["# kvgguf bench accuracy", "",
+             f"`{env['command']}` — commit `{env['commit']}`, {env['cpu']}, {env['threads']} threads.", "",
+             "Accuracy (fraction of expected answers found, greedy decoding), n = samples per cell. kv_keep is the "
+             "fraction of the prompt's evictable cells kept (kvpress's compression_ratio = 1 - kv_keep); 1.0 is "
+             "the full cache.", ""]
+    tasks = sorted({s["task"] for s in summary})
+    for setting in SETTINGS:
+        part = [s for s in summary if s["setting"] == setting]
+        if not part:
+            continue
+        lines += [f"## {setting}", "", "| policy | keep | length | " + " | ".join(tasks) + " |",
+                  "|---|---|---|" + "---|" * len(tasks)]
+        keys = sorted({(s["policy"], s["keep"], s["length"]) for s in part}, key=lambda k: (k[0] != "full", k[0],
+                                                                                          -k[1], k[2]))
+        for policy, keep, length in keys:
+            cells = []
+            for task in tasks:
+                hit = [s for s in part if (s["policy"], s["keep"], s["length"], s["task"]) == (policy, keep, length,
+                                                                                                 task)]
+                cells.append(f"{hit[0]['accuracy']:.2f} (n={hit[0]['n']})" if hit else "—")
+            lines.append(f"| {policy} | {keep} | {length} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(summary: list[dict[str, Any]], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = sorted({s["task"] for s in summary})
+    fig, axes = plt.subplots(1, len(tasks), figsize=(3.2 * len(tasks), 3.2), sharey=True, squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        part = [s for s in summary if s["task"] == task]
+        full = [s["accuracy"] for s in part if s["policy"] == "full"]
+        for setting, policy in sorted({(s["setting"], s["policy"]) for s in part if s["policy"] != "full"}):
+            points = sorted((s["keep"], s["accuracy"]) for s in part
+                            if (s["setting"], s["policy"]) == (setting, policy))
+            keeps = [k for k, _ in points]
+            means = [sum(a for k2, a in points if k2 == k) / sum(1 for k2, _ in points if k2 == k) for k in keeps]
+            ax.plot(keeps, means, marker="o", linestyle="-" if setting == "query-aware" else "--",
+                    label=f"{policy} ({setting})")
+        if full:
+            ax.axhline(sum(full) / len(full), color="gray", linewidth=1, label="full cache")
+        ax.set_title(task, fontsize=9)
+        ax.set_xlabel("kv_keep")
+        ax.set_ylim(-0.05, 1.05)
+    axes[0][0].set_ylabel("accuracy")
+    axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def main(args: argparse.Namespace) -> int:
+    profile = QUICK if args.quick else FULL
+    model = args.model or str(default_model_path())
+    env = report.environment(args.threads)
+    lengths = args.lengths or profile["lengths"]
+    keeps = args.keeps or profile["keeps"]
+    samples = args.samples or profile["samples"]
+    rows = run(model, args.tasks, lengths, keeps, args.policies, samples, args.settings, args.threads)
+    summary = summarize(rows)
+    env["load_average_end"] = report.environment(args.threads)["load_average"]
+    results = {"model": Path(model).name, "profile": "quick" if args.quick else "full", "lengths": lengths,
+               "keeps": keeps, "samples": samples, "summary": summary, "rows": rows, "environment": env}
+    text = markdown(summary, env)
+    output = Path(args.output)
+    report.write("accuracy", results, text, output)
+    plot(summary, output / "accuracy.png")
+    print(text)
+    return 0
+
+
+def _floats(text: str) -> list[float]:
+    return [float(x) for x in text.split(",")]
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",")]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-m", "--model", help="GGUF file (default: SmolLM2-135M-Instruct Q4_1)")
+    parser.add_argument("--quick", action="store_true", help="1K contexts, 2 samples, keep 1.0/0.5/0.2")
+    parser.add_argument("--tasks", type=lambda t: t.split(","), default=sorted(TASKS))
+    parser.add_argument("--policies", type=lambda t: t.split(","), default=["snapkv", "streaming"])
+    parser.add_argument("--settings", type=lambda t: t.split(","), default=list(SETTINGS))
+    parser.add_argument("--lengths", type=_ints, help="context lengths in tokens, comma-separated")
+    parser.add_argument("--keeps", type=_floats, help="kept ratios, comma-separated (1.0 = full cache)")
+    parser.add_argument("--samples", type=int, help="samples per task and length")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("-o", "--output", default=str(report.DEFAULT_OUTPUT), help="folder for JSON/markdown/PNG")
