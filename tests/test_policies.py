@@ -78,3 +78,25 @@ def test_snapkv_prefills_long_prompts_in_chunks_and_evicts_while_generating(mode
         assert positions[-1] == llm.n_tokens - 1 and np.all(np.diff(positions) > 0)
     finally:
         llm.close()
+
+
+def test_prefill_compresses_before_the_question_is_known(model_path, needle):
+    """Llama.prefill + generate(question, reset=False): the policy never sees the question."""
+    llm = Llama(model_path, n_ctx=4096, n_threads=2, verbose=False, kv_eviction="snapkv", kv_keep=0.5)
+    try:
+        context, question = needle[0]["content"].split("\n\nQuestion:")
+        context_tokens = llm.tokenize(context.encode())
+        llm.prefill(context_tokens)
+        (eviction,) = llm.kv_stats()["history"]
+        assert eviction["cells_before"] == len(context_tokens)
+        assert eviction["cells_after"] < 0.6 * len(context_tokens)
+        question_tokens = llm.tokenize(("\n\nQuestion:" + question).encode(), add_bos=False)
+        generated = []
+        for token in llm.generate(question_tokens, reset=False, temp=0.0, top_k=1):
+            if len(generated) == 5:
+                break
+            generated.append(token)
+        assert len(llm.kv_stats()["history"]) == 1       # no second eviction: the question was appended
+        assert llm.n_tokens == len(context_tokens) + len(question_tokens) + 5  # 5 tokens fed back
+    finally:
+        llm.close()
