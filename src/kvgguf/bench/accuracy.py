@@ -143,8 +143,9 @@ def plot(summary: list[dict[str, Any]], path: Path) -> Path:
         part = [s for s in summary if s["task"] == task]
         full = [s["accuracy"] for s in part if s["policy"] == "full"]
         for setting, policy in sorted({(s["setting"], s["policy"]) for s in part if s["policy"] != "full"}):
+            # the full cache is every policy's kv_keep = 1.0 point
             points = sorted((s["keep"], s["accuracy"]) for s in part
-                            if (s["setting"], s["policy"]) == (setting, policy))
+                            if s["setting"] == setting and s["policy"] in (policy, "full"))
             keeps = [k for k, _ in points]
             means = [sum(a for k2, a in points if k2 == k) / sum(1 for k2, _ in points if k2 == k) for k in keeps]
             ax.plot(keeps, means, marker="o", linestyle="-" if setting == "query-aware" else "--",
@@ -171,14 +172,10 @@ def main(args: argparse.Namespace) -> int:
     samples = args.samples or profile["samples"]
     rows = run(model, args.tasks, lengths, keeps, args.policies, samples, args.settings, args.threads)
     summary = summarize(rows)
-    env["load_average_end"] = report.environment(args.threads)["load_average"]
     results = {"model": Path(model).name, "profile": "quick" if args.quick else "full", "lengths": lengths,
                "keeps": keeps, "samples": samples, "summary": summary, "rows": rows, "environment": env}
-    text = markdown(summary, env)
-    output = Path(args.output)
-    report.write("accuracy", results, text, output)
-    plot(summary, output / "accuracy.png")
-    print(text)
+    report.publish("accuracy", results, markdown(summary, env), lambda path: plot(summary, path),
+                   Path(args.output), args.threads)
     return 0
 
 

@@ -10,7 +10,7 @@ import sys
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 logger = logging.getLogger(__name__)
 
@@ -56,12 +56,17 @@ def environment(threads: int) -> dict[str, Any]:
     }
 
 
-def write(name: str, results: dict[str, Any], markdown: str, output: Path) -> list[Path]:
-    """Write ``<name>.json`` and ``<name>.md`` into ``output``; returns the paths."""
+def publish(name: str, results: dict[str, Any], markdown: str, plot: Callable[[Path], Path], output: Path,
+            threads: int) -> list[Path]:
+    """Write ``<name>.json`` (with the load average at the end added), ``<name>.md`` and ``<name>.png`` into
+    ``output``, print the markdown; returns the paths."""
     output.mkdir(parents=True, exist_ok=True)
+    results["environment"]["load_average_end"] = environment(threads)["load_average"]
     json_path = output / f"{name}.json"
     md_path = output / f"{name}.md"
     json_path.write_text(json.dumps(results, indent=2) + "\n")
     md_path.write_text(markdown)
-    logger.info("wrote %s and %s", json_path, md_path)
-    return [json_path, md_path]
+    png_path = plot(output / f"{name}.png")
+    logger.info("wrote %s, %s and %s", json_path, md_path, png_path)
+    print(markdown)
+    return [json_path, md_path, png_path]

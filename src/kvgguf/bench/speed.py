@@ -194,12 +194,8 @@ def main(args: argparse.Namespace) -> int:
     env = report.environment(args.threads)
     results = run(model, args.n_long, args.n_short, args.n_decode, args.rounds, args.threads)
     results["environment"] = env
-    results["environment"]["load_average_end"] = report.environment(args.threads)["load_average"]
-    text = markdown(results, env)
-    output = Path(args.output)
-    report.write("speed", results, text, output)
-    plot(results, output / "speed.png")
-    print(text)
+    report.publish("speed", results, markdown(results, env), lambda path: plot(results, path), Path(args.output),
+                   args.threads)
     return 0
 
 
