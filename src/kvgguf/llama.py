@@ -18,6 +18,7 @@ from ._native import libllama, llama_cpp, llama_cpp_api
 from .engine import EvictionEngine, KVCacheView, kv_bytes_per_cell
 from .models import check_gguf_file
 from .policies import Policy, ScoreInput
+from .scores import reduce_groups
 from .settings import DEFAULT_SINK, DEFAULT_WINDOW, EvictionSettings, validate_settings
 from .tap import AttentionTap
 
@@ -208,7 +209,7 @@ class Llama(llama_cpp.Llama):
             piece = tokens[start:start + chunk]
             self._make_room(len(piece))
             is_last = i == len(starts) - 1
-            next_len = 0 if is_last else len(tokens[starts[i + 1]:starts[i + 1] + chunk])
+            next_len = 0 if is_last else min(chunk, len(tokens) - starts[i + 1])
             evicts_next = is_last or self._kv_engine.cache.n_cells() + len(piece) + next_len > n_ctx
             if self._kv_policy is not None and self._kv_policy.needs_attention and evicts_next:
                 # the last tokens of a chunk that an eviction follows are the observers for that eviction
@@ -261,7 +262,8 @@ class Llama(llama_cpp.Llama):
         scores = policy.score(ScoreInput(positions=positions, n_layer=self._kv_engine.n_layer,
                                          n_head_kv=self._kv_engine.n_head_kv, attention=attention))
         if scores.ndim == 3 and settings.granularity == "token":
-            scores = scores.max(axis=(0, 1))
+            # one decision per cell: the max over layers and heads
+            scores = reduce_groups(scores.reshape(-1, positions.size), scores.shape[0] * scores.shape[1], "max")[0]
         score_s = time.perf_counter() - t0
         protect = np.zeros(positions.size, dtype=bool)
         protect[:settings.sink] = True
