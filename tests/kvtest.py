@@ -9,7 +9,7 @@ import numpy as np
 
 import kvgguf  # (must come before llama_cpp)
 import kvgguf._native
-from kvgguf._native import libllama, llama_cpp_api as C
+from kvgguf._native import llama_cpp_api as C
 from kvgguf.engine import KVCacheView
 
 GGML_TYPE_F16 = 1

@@ -122,7 +122,7 @@ def test_shared_prefix_cell_freed_only_when_no_sequence_holds_it(raw_model, prom
         ctx.decode(suffix_a, positions=list(range(100, 150)), seq_ids=(0,))
         ctx.decode(suffix_b, positions=list(range(100, 170)), seq_ids=(1,))
         seq0, seq1 = ctx.view(0), ctx.view(1)
-        n_used = lambda: len(set(seq0.positions()) | set(seq1.positions())) + 0  # noqa: E731
+        n_used = lambda: len(set(seq0.positions()) | set(seq1.positions()))  # noqa: E731
         assert seq0.remove([10, 11]) == 0                  # still held by sequence 1
         assert 10 not in seq0.positions() and 10 in seq1.positions()
         assert seq1.remove([10]) == 1                      # now nobody holds position 10

@@ -8,7 +8,6 @@ import logging
 import os
 import time
 
-logger = logging.getLogger("kvgguf")
 
 DEMO_FACT = "The secret code for the vault is 4821."
 DEMO_QUESTION = "What is the secret code for the vault? Answer with the number."

@@ -7,7 +7,6 @@ reused as a token prefix by a later call.
 """
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Generator, Sequence
 from typing import Any
@@ -22,7 +21,6 @@ from .scores import reduce_groups
 from .settings import DEFAULT_SINK, DEFAULT_WINDOW, EvictionSettings, validate_settings
 from .tap import AttentionTap
 
-logger = logging.getLogger(__name__)
 
 SEQ_ID = 0  # llama_cpp.Llama decodes everything into sequence 0
 POS_END = 2**31 - 1  # an open end for the tap's position range

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,6 @@ from ..models import default_model_path
 from . import report
 from .tasks import TASKS, Sample, generate, score
 
-logger = logging.getLogger(__name__)
 
 SETTINGS = ("query-aware", "query-agnostic")
 QUICK = dict(lengths=[1024], samples=2, keeps=[1.0, 0.5, 0.2])
@@ -139,7 +137,7 @@ def plot(summary: list[dict[str, Any]], path: Path) -> Path:
 
     tasks = sorted({s["task"] for s in summary})
     fig, axes = plt.subplots(1, len(tasks), figsize=(3.2 * len(tasks), 3.2), sharey=True, squeeze=False)
-    for ax, task in zip(axes[0], tasks):
+    for ax, task in zip(axes[0], tasks, strict=True):
         part = [s for s in summary if s["task"] == task]
         full = [s["accuracy"] for s in part if s["policy"] == "full"]
         for setting, policy in sorted({(s["setting"], s["policy"]) for s in part if s["policy"] != "full"}):

@@ -8,7 +8,6 @@ rounds so that machine noise hits all three alike; the targets are ratios.
 from __future__ import annotations
 
 import argparse
-import logging
 import statistics
 import time
 from pathlib import Path
@@ -23,7 +22,6 @@ from ..models import default_model_path
 from ..text import haystack
 from . import report
 
-logger = logging.getLogger(__name__)
 
 def filler_tokens(llm: Llama, n_tokens: int, seed: int = 0) -> list[int]:
     """Exactly ``n_tokens`` tokens of filler prose (a sentence is ~20 tokens)."""

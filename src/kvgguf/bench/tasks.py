@@ -65,7 +65,7 @@ def _fill(rng: random.Random, needles: list[str], n_tokens: int, count: TokenCou
     n_filler = max(len(needles) + 1, (n_tokens - needle_tokens) // per_sentence)
     sentences = [rng.choice(FILLER_SENTENCES) for _ in range(n_filler)]
     slots = sorted(rng.sample(range(n_filler + 1), len(needles)))
-    for offset, (slot, needle) in enumerate(zip(slots, needles)):
+    for offset, (slot, needle) in enumerate(zip(slots, needles, strict=True)):
         sentences.insert(slot + offset, needle)
     return " ".join(sentences)
 
@@ -79,7 +79,7 @@ def _niah_single(rng: random.Random, n_tokens: int, count: TokenCounter) -> tupl
 def _niah_multikey(rng: random.Random, n_tokens: int, count: TokenCounter) -> tuple[str, str, tuple[str, ...]]:
     keys = rng.sample(KEYS, 4)
     values = [_number(rng) for _ in keys]
-    needles = [f"The special magic number for {k} is {v}." for k, v in zip(keys, values)]
+    needles = [f"The special magic number for {k} is {v}." for k, v in zip(keys, values, strict=True)]
     asked = rng.randrange(len(keys))
     context = _fill(rng, needles, n_tokens, count)
     return context, f"What is the special magic number for {keys[asked]}? Answer with the number.", (values[asked],)
