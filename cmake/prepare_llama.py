@@ -9,7 +9,7 @@ Called by CMakeLists.txt at configure time:
    work offline.
 2. Its ``vendor/llama.cpp`` tree is extracted into ``--dest``.
 3. ``patches/*.patch`` are applied in name order with ``git apply``; a patch that does not apply fails the build
-   with its name.
+   with its name. ``--no-patches`` skips this step (the unpatched baseline build, scripts/build_baseline.sh).
 
 The tree is prepared again whenever the sdist or any patch changes (a stamp file records their digests); only
 files whose content changed are rewritten, so an incremental build recompiles just what a patch touches.
@@ -113,10 +113,12 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, required=True, help="where the sdist is kept between builds")
     parser.add_argument("--dest", type=Path, required=True, help="where the patched llama.cpp tree goes")
     parser.add_argument("--patches", type=Path, required=True, help="directory of NNNN-*.patch files")
+    parser.add_argument("--no-patches", action="store_true",
+                        help="leave llama.cpp as pinned (the unpatched baseline of `kvgguf bench speed`)")
     args = parser.parse_args()
 
     archive = fetch_sdist(args.cache)
-    patches = sorted(args.patches.glob("*.patch"))
+    patches = [] if args.no_patches else sorted(args.patches.glob("*.patch"))
     stamp_text = "\n".join([SHA256] + [f"{p.name} {sha256_of(p)}" for p in patches]) + "\n"
     stamp = args.dest / ".kvgguf-stamp"
     if stamp.exists() and stamp.read_text() == stamp_text:

@@ -1,14 +1,27 @@
 """``kvgguf bench speed``: what eviction costs and what it buys, on one machine, in one run.
 
-For an 8K-token prompt it measures the prefill, SnapKV's scoring + eviction + compaction, and decode speed of
-(a) the full 8K cache, (b) the 8K prompt compressed to 2K cells, (c) a fresh 2K prompt; plus the time to remove
-6K scattered cells from 8K in one call. Decode speeds are medians of per-token latencies, taken in interleaved
-rounds so that machine noise hits all three alike; the targets are ratios.
+For each context length L it measures, on prompts of generated filler:
+
+- ``off``: kvgguf's patched library with eviction off (prefill of L tokens, decode at L cells);
+- ``baseline``: the same pinned llama.cpp built without our patches (scripts/build_baseline.sh), in a separate
+  process, the same calls: the patches must cost nothing when eviction is off;
+- one entry per policy: prefill of L tokens with the policy compressing to ``keep * L`` cells (its scoring,
+  selection and compaction timed separately), then decode at the compressed size;
+- ``fresh``: a fresh ``keep * L`` prompt without eviction — what the compressed cache should decode like.
+
+Prefill times are the minimum over ``--prefill-rounds``; decode speeds are medians of single-token latencies taken
+in interleaved rounds, so machine noise hits every configuration alike. The results are ratios within one run.
+At the longest length it also times the removal of ``L - keep * L`` scattered cells in one call.
 """
 from __future__ import annotations
 
 import argparse
+import json
+import logging
+import os
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -18,9 +31,16 @@ from tqdm import tqdm
 
 from ..engine import KVCacheView
 from ..llama import Llama
-from ..models import default_model_path
+from ..models import MODEL_HELP, resolve_model
 from ..text import haystack
 from . import report
+
+logger = logging.getLogger(__name__)
+
+QUICK = dict(lengths=[1024, 4096], rounds=2, prefill_rounds=1)
+FULL = dict(lengths=[2048, 4096, 8192], rounds=4, prefill_rounds=2)
+DEFAULT_BASELINE_LIB = (Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "kvgguf" / "baseline-0.3.36"
+                        / "kvgguf" / "lib")
 
 
 def filler_tokens(llm: Llama, n_tokens: int, seed: int = 0) -> list[int]:
@@ -33,135 +53,244 @@ def filler_tokens(llm: Llama, n_tokens: int, seed: int = 0) -> list[int]:
     return tokens[:n_tokens]
 
 
-def decode_latencies(llm: Llama, tokens: list[int]) -> list[float]:
-    """Seconds per single-token decode, one eval per token (the way generation runs)."""
-    latencies = []
-    for token in tokens:
+class LocalRunner:
+    """A configuration run in this process through kvgguf.Llama."""
+
+    def __init__(self, model: str, n_ctx: int, threads: int, **eviction: Any) -> None:
+        self.llm = Llama(model, n_ctx=n_ctx, n_batch=512, n_threads=threads, n_threads_batch=threads,
+                         verbose=False, **eviction)
+
+    def prefill(self, tokens: list[int]) -> float:
+        """Seconds for the prompt through the public completion path (with eviction, if the model has a policy)."""
+        self.llm.reset()
         start = time.perf_counter()
-        llm.eval([token])
-        latencies.append(time.perf_counter() - start)
-    return latencies
+        self.llm.create_completion(tokens, max_tokens=1, temperature=0)
+        return time.perf_counter() - start
+
+    def decode(self, tokens: list[int]) -> list[float]:
+        """Seconds per single-token decode, one eval per token (the way generation runs)."""
+        latencies = []
+        for token in tokens:
+            start = time.perf_counter()
+            self.llm.eval([token])
+            latencies.append(time.perf_counter() - start)
+        return latencies
+
+    def state(self) -> dict[str, Any]:
+        cache = self.llm._kv_engine.cache
+        return {"cells": cache.n_cells(), "attended": cache.n_attended()}
+
+    def close(self) -> None:
+        self.llm.close()
 
 
-def prefill(llm: Llama, prompt: list[int]) -> float:
-    """Prefill through the public completion path (with eviction, when the model has a policy)."""
-    start = time.perf_counter()
-    llm.create_completion(prompt, max_tokens=1, temperature=0)
-    return time.perf_counter() - start
+class BaselineRunner:
+    """The unpatched pinned llama.cpp in a child process (baseline_worker.py), driven over pipes."""
+
+    def __init__(self, library_dir: Path, model: str, n_ctx: int, threads: int) -> None:
+        env = dict(os.environ, LLAMA_CPP_LIB_PATH=str(library_dir))
+        worker = Path(__file__).with_name("baseline_worker.py")
+        self.process = subprocess.Popen([sys.executable, str(worker)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                        env=env, text=True)
+        loaded = self._call("load", model=model, n_ctx=n_ctx, threads=threads)
+        if loaded["patched"]:
+            self.close()
+            raise RuntimeError(f"the baseline library in {library_dir} has kvgguf's patches; build the unpatched "
+                               "one with scripts/build_baseline.sh")
+        self.n_tokens = 0
+
+    def _call(self, op: str, **arguments: Any) -> dict[str, Any]:
+        assert self.process.stdin is not None and self.process.stdout is not None
+        self.process.stdin.write(json.dumps({"op": op, **arguments}) + "\n")
+        self.process.stdin.flush()
+        line = self.process.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the baseline worker exited (code {self.process.wait()}) during {op!r}")
+        reply = json.loads(line)
+        if "error" in reply:
+            raise RuntimeError(f"baseline worker, {op!r}: {reply['error']}")
+        return reply
+
+    def prefill(self, tokens: list[int]) -> float:
+        self.n_tokens = len(tokens)
+        return float(self._call("prefill", tokens=tokens)["seconds"])
+
+    def decode(self, tokens: list[int]) -> list[float]:
+        self.n_tokens += len(tokens)
+        return [float(x) for x in self._call("decode", tokens=tokens)["latencies"]]
+
+    def state(self) -> dict[str, Any]:
+        return {"cells": self.n_tokens, "attended": None}
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self._call("close")
+            self.process.wait(timeout=60)
 
 
-def run(model: str, n_long: int, n_short: int, n_decode: int, rounds: int, threads: int) -> dict[str, Any]:
-    n_ctx = n_long + n_decode * rounds + 256
-    common = dict(n_ctx=n_ctx, n_batch=512, n_threads=threads, n_threads_batch=threads, verbose=False)
-    full = Llama(model, **common)
-    compressed = Llama(model, kv_eviction="snapkv", kv_budget=n_short, **common)
-    fresh = Llama(model, **common)
-    long_prompt = filler_tokens(full, n_long)
-    short_prompt = filler_tokens(full, n_short, seed=1)
-    continuation = filler_tokens(full, n_decode * rounds + 1, seed=2)[1:]
+def measure_length(model: str, length: int, keep: float, policies: list[str], rounds: int, prefill_rounds: int,
+                   n_decode: int, threads: int, baseline_lib: Path | None,
+                   progress: tqdm) -> list[dict[str, Any]]:
+    """Every configuration at one context length; one row per configuration."""
+    budget = max(1, int(round(keep * length)))
+    n_ctx = length + n_decode * rounds + 256
+    runners: dict[str, LocalRunner | BaselineRunner] = {"off": LocalRunner(model, n_ctx, threads)}
+    if baseline_lib is not None:
+        runners["baseline"] = BaselineRunner(baseline_lib, model, n_ctx, threads)
+    for policy in policies:
+        runners[policy] = LocalRunner(model, n_ctx, threads, kv_eviction=policy, kv_budget=budget)
+    runners["fresh"] = LocalRunner(model, budget + n_decode * rounds + 256, threads)
+    off = runners["off"]
+    assert isinstance(off, LocalRunner)
+    long_prompt = filler_tokens(off.llm, length)
+    short_prompt = filler_tokens(off.llm, budget, seed=1)
+    continuation = filler_tokens(off.llm, n_decode * rounds + 1, seed=2)[1:]
 
-    progress = tqdm(total=3 + 3 * rounds, desc="bench speed", unit="step")
-    t_prefill_full = prefill(full, long_prompt)
-    progress.update()
-    t_prefill_snapkv = prefill(compressed, long_prompt)
-    progress.update()
-    prefill(fresh, short_prompt)
-    progress.update()
-    stats = compressed.kv_stats()
-    evict_s = stats["score_s"] + stats["evict_s"] + stats["compact_s"]
-
-    latencies: dict[str, list[float]] = {"full_8k": [], "compressed_2k": [], "fresh_2k": []}
+    prefill_s: dict[str, list[float]] = {label: [] for label in runners}
+    for _ in range(prefill_rounds):
+        for label, runner in runners.items():
+            prefill_s[label].append(runner.prefill(short_prompt if label == "fresh" else long_prompt))
+            progress.update()
+    latencies: dict[str, list[float]] = {label: [] for label in runners}
     for r in range(rounds):
         chunk = continuation[r * n_decode:(r + 1) * n_decode]
-        for label, llm in (("full_8k", full), ("compressed_2k", compressed), ("fresh_2k", fresh)):
-            latencies[label] += decode_latencies(llm, chunk)
+        for label, runner in runners.items():
+            latencies[label] += runner.decode(chunk)
             progress.update()
-    progress.close()
-    tok_s = {label: 1.0 / statistics.median(values) for label, values in latencies.items()}
-    windows = {"full_8k": full._kv_engine.cache.n_attended(), "compressed_2k": compressed._kv_engine.cache.n_attended(),
-               "fresh_2k": fresh._kv_engine.cache.n_attended()}
 
-    # batched removal of 6K scattered cells from 8K (the call alone), and the compaction after it
-    full._ctx.kv_cache_seq_rm(-1, n_long, -1)
-    cache = KVCacheView(full._ctx.ctx, 0)
+    rows = []
+    for label, runner in runners.items():
+        row: dict[str, Any] = {
+            "length": length, "config": label, "prompt_tokens": budget if label == "fresh" else length,
+            "prefill_s": min(prefill_s[label]), "prefill_rounds_s": prefill_s[label],
+            "decode_tok_s": 1.0 / statistics.median(latencies[label]), "decode_latencies_s": latencies[label],
+            **runner.state(),
+        }
+        if label in policies:
+            assert isinstance(runner, LocalRunner)
+            stats = runner.llm.kv_stats()
+            row.update(score_s=stats["score_s"], evict_s=stats["evict_s"], compact_s=stats["compact_s"],
+                       eviction_s=stats["score_s"] + stats["evict_s"] + stats["compact_s"],
+                       cells_before=stats["cells_before"], cells_after=stats["cells_after"])
+        rows.append(row)
+        runner.close()
+    return rows
+
+
+def time_scattered_removal(model: str, length: int, keep: float, threads: int) -> dict[str, Any]:
+    """One ``llama_memory_seq_rm_pos`` call removing ``length - keep * length`` random cells, then compaction."""
+    runner = LocalRunner(model, length + 64, threads)
+    runner.prefill(filler_tokens(runner.llm, length))
+    cache = KVCacheView(runner.llm._ctx.ctx, 0)
     rng = np.random.default_rng(0)
-    n_remove = n_long - n_short
-    removed = rng.choice(n_long - 1, size=n_remove, replace=False).astype(np.int32)
+    n_remove = length - max(1, int(round(keep * length)))
+    removed = rng.choice(length - 1, size=n_remove, replace=False).astype(np.int32)
     start = time.perf_counter()
     freed = cache.remove(removed)
     remove_s = time.perf_counter() - start
     start = time.perf_counter()
     cache.compact()
     compact_s = time.perf_counter() - start
-    for llm in (full, compressed, fresh):
-        llm.close()
+    runner.close()
+    return {"length": length, "cells": int(n_remove), "freed": int(freed), "remove_s": remove_s,
+            "compact_s": compact_s}
 
-    results = {
-        "n_long": n_long, "n_short": n_short, "n_decode_per_round": n_decode, "rounds": rounds,
-        "prefill_long_s": t_prefill_full,
-        "prefill_long_snapkv_s": t_prefill_snapkv,
-        "snapkv": {"score_s": stats["score_s"], "evict_s": stats["evict_s"], "compact_s": stats["compact_s"],
-                   "total_s": evict_s, "cells_before": stats["cells_before"], "cells_after": stats["cells_after"],
-                   "tap_and_eviction_overhead_s": t_prefill_snapkv - t_prefill_full},
-        "decode_tok_s": tok_s,
-        "attended_window": windows,
-        "remove_scattered": {"cells": int(n_remove), "freed": int(freed), "remove_s": remove_s,
-                             "compact_s": compact_s},
-        "ratios": {
-            "compressed_vs_fresh_decode": tok_s["compressed_2k"] / tok_s["fresh_2k"],
-            "compressed_vs_full_decode": tok_s["compressed_2k"] / tok_s["full_8k"],
-            "eviction_share_of_prefill": evict_s / t_prefill_full,
-            "snapkv_prefill_overhead": (t_prefill_snapkv - t_prefill_full) / t_prefill_full,
-        },
-        "targets": {
-            "compressed_vs_fresh_decode >= 0.95": tok_s["compressed_2k"] / tok_s["fresh_2k"] >= 0.95,
-            "eviction_share_of_prefill <= 0.03": evict_s / t_prefill_full <= 0.03,
-            "remove 6K scattered of 8K <= 2 ms": remove_s <= 0.002,
-        },
-        "latencies_s": latencies,
-    }
-    return results
+
+def ratios(rows: list[dict[str, Any]], policies: list[str]) -> list[dict[str, Any]]:
+    """Per length: patched-off vs unpatched, and per policy its eviction cost and decode speed-up."""
+    out = []
+    for length in sorted({row["length"] for row in rows}):
+        at = {row["config"]: row for row in rows if row["length"] == length}
+        entry: dict[str, Any] = {"length": length}
+        if "baseline" in at:
+            entry["off_vs_baseline_prefill"] = at["off"]["prefill_s"] / at["baseline"]["prefill_s"]
+            entry["off_vs_baseline_decode"] = at["off"]["decode_tok_s"] / at["baseline"]["decode_tok_s"]
+        for policy in policies:
+            entry[policy] = {
+                "eviction_share_of_prefill": at[policy]["eviction_s"] / at["off"]["prefill_s"],
+                "prefill_overhead": at[policy]["prefill_s"] / at["off"]["prefill_s"] - 1.0,
+                "decode_vs_fresh": at[policy]["decode_tok_s"] / at["fresh"]["decode_tok_s"],
+                "decode_vs_full": at[policy]["decode_tok_s"] / at["off"]["decode_tok_s"],
+            }
+        out.append(entry)
+    return out
+
+
+def targets(summary: list[dict[str, Any]], removal: dict[str, Any], policies: list[str]) -> dict[str, bool]:
+    longest = summary[-1]
+    met = {f"{p}: compressed decode >= 0.95 x fresh at {longest['length']}": longest[p]["decode_vs_fresh"] >= 0.95
+           for p in policies}
+    met.update({f"{p}: scoring + eviction <= 3% of prefill at {longest['length']}":
+                longest[p]["eviction_share_of_prefill"] <= 0.03 for p in policies})
+    met[f"remove {removal['cells']} scattered cells of {removal['length']} <= 2 ms"] = removal["remove_s"] <= 0.002
+    if "off_vs_baseline_prefill" in longest:
+        # the patches add no work when eviction is off: within machine noise of the unpatched build
+        met["eviction off vs unpatched: prefill and decode within 5%"] = all(
+            abs(entry[key] - 1.0) <= 0.05 for entry in summary
+            for key in ("off_vs_baseline_prefill", "off_vs_baseline_decode"))
+    return met
+
+
+def run(model: str, lengths: list[int], keep: float, policies: list[str], rounds: int, prefill_rounds: int,
+        n_decode: int, threads: int, baseline_lib: Path | None) -> dict[str, Any]:
+    n_configs = len(policies) + 2 + (baseline_lib is not None)
+    progress = tqdm(total=len(lengths) * n_configs * (rounds + prefill_rounds), desc="bench speed", unit="step")
+    rows = []
+    for length in lengths:
+        rows += measure_length(model, length, keep, policies, rounds, prefill_rounds, n_decode, threads,
+                               baseline_lib, progress)
+    progress.close()
+    removal = time_scattered_removal(model, max(lengths), keep, threads)
+    summary = ratios(rows, policies)
+    return {"lengths": lengths, "keep": keep, "policies": policies, "rounds": rounds, "prefill_rounds": prefill_rounds,
+            "n_decode_per_round": n_decode, "baseline_library": str(baseline_lib) if baseline_lib else None,
+            "rows": rows, "ratios": summary, "remove_scattered": removal,
+            "targets": targets(summary, removal, policies)}
 
 
 def markdown(results: dict[str, Any], env: dict[str, Any]) -> str:
-    r = results
-    tok = r["decode_tok_s"]
-    win = r["attended_window"]
-    ratios = r["ratios"]
+    keep = results["keep"]
     lines = [
-        "# kvgguf bench speed",
-        "",
+        "# kvgguf bench speed", "",
         f"`{env['command']}` — commit `{env['commit']}`, {env['cpu']}, {env['threads']} threads, "
-        f"OMP_WAIT_POLICY={env['omp_wait_policy']}, load average at start {env['load_average']}.",
-        "",
-        "| measurement | value |",
-        "|---|---|",
-        f"| prefill, {r['n_long']} tokens | {r['prefill_long_s']:.2f} s |",
-        f"| prefill + SnapKV (tap on the last window, budget {r['n_short']}) | {r['prefill_long_snapkv_s']:.2f} s |",
-        f"| SnapKV scoring + eviction + compaction | {1000 * r['snapkv']['total_s']:.1f} ms "
-        f"(score {1000 * r['snapkv']['score_s']:.1f}, select+remove {1000 * r['snapkv']['evict_s']:.1f}, "
-        f"compact {1000 * r['snapkv']['compact_s']:.1f}) = {100 * ratios['eviction_share_of_prefill']:.2f}% of prefill |",
-        f"| decode, (a) full {r['n_long']} cache (window {win['full_8k']}) | {tok['full_8k']:.1f} tok/s |",
-        f"| decode, (b) {r['n_long']} compressed to {r['n_short']} cells (window {win['compressed_2k']}) | "
-        f"{tok['compressed_2k']:.1f} tok/s |",
-        f"| decode, (c) fresh {r['n_short']} prompt (window {win['fresh_2k']}) | {tok['fresh_2k']:.1f} tok/s |",
-        f"| remove {r['remove_scattered']['cells']} scattered cells of {r['n_long']} (one call) | "
-        f"{1000 * r['remove_scattered']['remove_s']:.2f} ms |",
-        f"| compact after that removal | {1000 * r['remove_scattered']['compact_s']:.1f} ms |",
-        "",
-        "| target | measured | met |",
-        "|---|---|---|",
-        f"| (b) >= 0.95 x (c) | {ratios['compressed_vs_fresh_decode']:.3f} | "
-        f"{r['targets']['compressed_vs_fresh_decode >= 0.95']} |",
-        f"| scoring + eviction <= 3% of the prefill | {100 * ratios['eviction_share_of_prefill']:.2f}% | "
-        f"{r['targets']['eviction_share_of_prefill <= 0.03']} |",
-        f"| removing 6K scattered cells of 8K <= 2 ms | {1000 * r['remove_scattered']['remove_s']:.2f} ms | "
-        f"{r['targets']['remove 6K scattered of 8K <= 2 ms']} |",
-        "",
-        f"(b) vs (a): {ratios['compressed_vs_full_decode']:.2f}x decode speed. Decode speeds are medians of "
-        f"{r['rounds']} interleaved rounds x {r['n_decode_per_round']} single-token decodes per configuration.",
-        "",
+        f"OMP_WAIT_POLICY={env['omp_wait_policy']}, load average {env['load_average']} at start, "
+        f"{env.get('load_average_end')} at end.", "",
+        f"Policies compress an L-token prompt to kv_keep = {keep} (a budget of keep x L cells). `off`: kvgguf's "
+        "patched library with eviction off; `baseline`: the same pinned llama.cpp without the patches "
+        + ("(separate process)" if results["baseline_library"] else "(not built: run scripts/build_baseline.sh)")
+        + f"; `fresh`: a new keep x L prompt. Prefill: minimum of {results['prefill_rounds']} rounds; decode: "
+        f"median of {results['rounds']} interleaved rounds x {results['n_decode_per_round']} single-token evals.", "",
+        "| L | config | prompt | cells after | attention window | prefill s | scoring + eviction + compaction ms "
+        "| decode tok/s |",
+        "|---|---|---|---|---|---|---|---|",
     ]
+    for row in results["rows"]:
+        eviction = (f"{1000 * row['eviction_s']:.1f} ({1000 * row['score_s']:.1f} + {1000 * row['evict_s']:.1f} + "
+                    f"{1000 * row['compact_s']:.1f})" if "eviction_s" in row else "")
+        lines.append(f"| {row['length']} | {row['config']} | {row['prompt_tokens']} | {row['cells']} | "
+                     f"{row['attended'] if row['attended'] is not None else ''} | {row['prefill_s']:.2f} | "
+                     f"{eviction} | {row['decode_tok_s']:.1f} |")
+    lines += ["", "Ratios (same run):", ""]
+    header = "| L | off / baseline prefill time | off / baseline decode speed |"
+    sep = "|---|---|---|"
+    for policy in results["policies"]:
+        header += f" {policy}: eviction % of prefill | {policy}: decode vs fresh | {policy}: decode vs full |"
+        sep += "---|---|---|"
+    lines += [header, sep]
+    for entry in results["ratios"]:
+        line = (f"| {entry['length']} | {entry.get('off_vs_baseline_prefill', float('nan')):.3f} | "
+                f"{entry.get('off_vs_baseline_decode', float('nan')):.3f} |")
+        for policy in results["policies"]:
+            p = entry[policy]
+            line += (f" {100 * p['eviction_share_of_prefill']:.2f}% | {p['decode_vs_fresh']:.3f} | "
+                     f"{p['decode_vs_full']:.2f}x |")
+        lines.append(line)
+    removal = results["remove_scattered"]
+    lines += ["", f"Removing {removal['cells']} scattered cells of {removal['length']} in one call: "
+              f"{1000 * removal['remove_s']:.2f} ms; compaction after it {1000 * removal['compact_s']:.1f} ms.", "",
+              "| target | met |", "|---|---|"]
+    lines += [f"| {name} | {met} |" for name, met in results["targets"].items()]
+    lines.append("")
     return "\n".join(lines)
 
 
@@ -171,16 +300,24 @@ def plot(results: dict[str, Any], path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    tok = results["decode_tok_s"]
-    labels = [f"(a) full {results['n_long']}", f"(b) {results['n_long']}→{results['n_short']} SnapKV",
-              f"(c) fresh {results['n_short']}"]
-    values = [tok["full_8k"], tok["compressed_2k"], tok["fresh_2k"]]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    bars = ax.bar(labels, values, color=["#888888", "#2a7ab9", "#7fb3d5"])
-    ax.bar_label(bars, fmt="%.1f")
-    ax.set_ylim(0, 1.2 * max(values))
-    ax.set_ylabel("decode tokens / s")
-    ax.set_title("Decode speed after eviction (median per-token latency)")
+    fig, (ax_decode, ax_prefill) = plt.subplots(1, 2, figsize=(10, 3.8))
+    configs = list(dict.fromkeys(row["config"] for row in results["rows"]))
+    for config in configs:
+        rows = [row for row in results["rows"] if row["config"] == config]
+        lengths = [row["length"] for row in rows]
+        label = f"{config} (keep {results['keep']})" if config in results["policies"] else config
+        style = "--" if config in ("baseline", "fresh") else "-"
+        ax_decode.plot(lengths, [row["decode_tok_s"] for row in rows], marker="o", linestyle=style, label=label)
+        if config != "fresh":
+            ax_prefill.plot(lengths, [row["prefill_s"] for row in rows], marker="o", linestyle=style, label=label)
+    ax_decode.set_title("decode speed vs prompt length")
+    ax_decode.set_ylabel("tokens / s")
+    ax_prefill.set_title("prefill time (with scoring + eviction)")
+    ax_prefill.set_ylabel("seconds")
+    for ax in (ax_decode, ax_prefill):
+        ax.set_xlabel("prompt tokens (L)")
+        ax.set_xscale("log", base=2)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -188,20 +325,39 @@ def plot(results: dict[str, Any], path: Path) -> Path:
 
 
 def main(args: argparse.Namespace) -> int:
-    model = args.model or str(default_model_path())
+    profile = QUICK if args.quick else FULL
+    model = str(resolve_model(args.model))
+    baseline_lib: Path | None = None
+    if not args.no_baseline:
+        baseline_lib = Path(args.baseline_lib) if args.baseline_lib else DEFAULT_BASELINE_LIB
+        if not (baseline_lib / "libllama.so").exists() and not (baseline_lib / "libllama.dylib").exists():
+            logger.warning("no unpatched baseline in %s (build it with scripts/build_baseline.sh); measuring "
+                           "without it", baseline_lib)
+            baseline_lib = None
     env = report.environment(args.threads)
-    results = run(model, args.n_long, args.n_short, args.n_decode, args.rounds, args.threads)
+    results = run(model, args.lengths or profile["lengths"], args.keep, args.policies,
+                  args.rounds or profile["rounds"], args.prefill_rounds or profile["prefill_rounds"], args.n_decode,
+                  args.threads, baseline_lib)
+    results["model"] = Path(model).name
+    results["profile"] = "quick" if args.quick else "full"
     results["environment"] = env
-    report.publish("speed", results, markdown(results, env), lambda path: plot(results, path), Path(args.output),
-                   args.threads)
+    report.publish("speed", results, lambda: markdown(results, env), lambda path: plot(results, path),
+                   Path(args.output), args.threads)
     return 0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("-m", "--model", help="GGUF file (default: SmolLM2-135M-Instruct Q4_1)")
-    parser.add_argument("--n-long", type=int, default=8192, help="tokens of the long prompt")
-    parser.add_argument("--n-short", type=int, default=2048, help="cells kept / tokens of the short prompt")
+    parser.add_argument("-m", "--model", help=MODEL_HELP)
+    parser.add_argument("--quick", action="store_true", help="lengths 1K and 4K, fewer rounds")
+    parser.add_argument("--lengths", type=lambda t: [int(x) for x in t.split(",")],
+                        help="prompt lengths in tokens, comma-separated (default 2048,4096,8192)")
+    parser.add_argument("--keep", type=float, default=0.25, help="kv_keep of the policies (budget = keep x L)")
+    parser.add_argument("--policies", type=lambda t: t.split(","), default=["snapkv", "streaming"])
     parser.add_argument("--n-decode", type=int, default=32, help="decoded tokens per configuration and round")
-    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--rounds", type=int, help="interleaved decode rounds")
+    parser.add_argument("--prefill-rounds", type=int, help="prefills per configuration (the minimum is reported)")
+    parser.add_argument("--baseline-lib", help="directory of the unpatched libllama (default: where "
+                        "scripts/build_baseline.sh puts it)")
+    parser.add_argument("--no-baseline", action="store_true", help="skip the unpatched llama.cpp")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("-o", "--output", default=str(report.DEFAULT_OUTPUT), help="folder for JSON/markdown/PNG")
