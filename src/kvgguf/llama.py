@@ -48,9 +48,14 @@ class Llama(llama_cpp.Llama):
                  kv_granularity: str | None = None, **kwargs: Any) -> None:
         settings = validate_settings(kv_eviction, kv_keep, kv_budget, kv_window, kv_sink, kv_granularity)
         check_gguf_file(model_path)
+        if kwargs.get("vocab_only"):
+            # llama-cpp-python still creates a context, which llama.cpp aborts on for a weightless model
+            raise ValueError("vocab_only=True is not supported by kvgguf.Llama (it needs a KV cache); use "
+                             "llama_cpp.Llama for tokenization only")
         self._kv_settings: EvictionSettings | None = None
         self._kv_policy: Policy | None = None
         self._kv_prompt_pending = False
+        self._kv_last_scores: dict[str, np.ndarray] | None = None
         super().__init__(model_path, *args, **kwargs)
 
         cache = KVCacheView(self._ctx.ctx, SEQ_ID)
@@ -125,16 +130,26 @@ class Llama(llama_cpp.Llama):
     # --- statistics ----------------------------------------------------------------------------------------------
 
     def kv_stats(self) -> dict[str, Any]:
-        """Cells before/after the last eviction, attention window, bytes freed, time scoring/evicting/compacting."""
+        """Cells before/after the last eviction, attention window, bytes freed, time scoring/evicting/compacting,
+        KV bytes held now and allocated."""
         stats = self._kv_engine.stats.as_dict()
         stats["cells_now"] = self._kv_engine.cache.n_cells()
         stats["attended_now"] = self._kv_engine.cache.n_attended()
+        # what the cache's cells hold now, and what llama.cpp allocated for n_ctx cells
+        stats["kv_bytes_now"] = stats["cells_now"] * stats["bytes_per_cell"]
+        stats["kv_bytes_allocated"] = self.n_ctx() * stats["bytes_per_cell"]
         stats["policy"] = self._kv_settings.policy_name if self._kv_settings else None
         return stats
 
     def kv_positions(self) -> np.ndarray:
         """Positions the cache holds for the model's sequence, ascending."""
         return self._kv_engine.cache.positions()
+
+    def kv_scores(self) -> dict[str, np.ndarray] | None:
+        """The scores of the last eviction, as the policy produced them (before any token-level reduction):
+        ``{"positions": [n_cells], "scores": [n_layer, n_head_kv, n_cells] or [n_cells]}``; None before the
+        first eviction. Higher means more worth keeping."""
+        return self._kv_last_scores
 
     def reset(self) -> None:
         super().reset()
@@ -259,6 +274,7 @@ class Llama(llama_cpp.Llama):
                 raise RuntimeError(f"{policy.name} needs attention scores, but the tap observed no query")
         scores = policy.score(ScoreInput(positions=positions, n_layer=self._kv_engine.n_layer,
                                          n_head_kv=self._kv_engine.n_head_kv, attention=attention))
+        self._kv_last_scores = {"positions": positions, "scores": scores}
         if scores.ndim == 3 and settings.granularity == "token":
             # one decision per cell: the max over layers and heads
             scores = reduce_groups(scores.reshape(-1, positions.size), scores.shape[0] * scores.shape[1], "max")[0]
