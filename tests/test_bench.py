@@ -1,25 +1,70 @@
-"""The benchmark code runs end to end on a tiny configuration and writes its files (no timing asserted)."""
+"""The benchmark code runs end to end on tiny configurations and writes its files (no timing asserted); the JSON
+layout is the one kvgguf.bench.schema describes, for fresh runs and for the results committed in docs/."""
 from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
+import pytest
+
+from kvgguf._native import LIB_DIR
+from kvgguf.bench import schema
+from kvgguf.bench.speed import BaselineRunner
 from kvgguf.cli import main
+
+DOCS = Path(__file__).resolve().parent.parent / "docs" / "benchmarks"
 
 
 def test_bench_speed_writes_json_markdown_and_png(tmp_path, model_path):
-    code = main(["bench", "speed", "-m", model_path, "--n-long", "600", "--n-short", "256", "--n-decode", "2",
-                 "--rounds", "1", "-o", str(tmp_path)])
+    code = main(["bench", "speed", "-m", model_path, "--lengths", "300,600", "--keep", "0.5", "--n-decode", "2",
+                 "--rounds", "1", "--prefill-rounds", "1", "--no-baseline", "-o", str(tmp_path)])
     assert code == 0
     results = json.loads((tmp_path / "speed.json").read_text())
-    assert set(results["decode_tok_s"]) == {"full_8k", "compressed_2k", "fresh_2k"}
-    assert results["snapkv"]["cells_before"] == 600 and results["snapkv"]["cells_after"] == 256
-    assert results["remove_scattered"]["freed"] == 600 - 256
-    assert results["attended_window"]["compressed_2k"] == results["attended_window"]["fresh_2k"]
-    assert results["attended_window"]["compressed_2k"] < results["attended_window"]["full_8k"]
+    schema.check("speed", results)
+    rows = {(row["length"], row["config"]): row for row in results["rows"]}
+    assert set(rows) == {(length, config) for length in (300, 600)
+                         for config in ("off", "snapkv", "streaming", "fresh")}
+    for length in (300, 600):
+        budget = length // 2
+        # the policies compressed to the budget (+ the decoded tokens), the full cache kept everything
+        for policy in ("snapkv", "streaming"):
+            assert rows[(length, policy)]["cells_before"] == length
+            assert rows[(length, policy)]["cells_after"] == budget
+            assert rows[(length, policy)]["cells"] == budget + 2
+            assert rows[(length, policy)]["attended"] < rows[(length, "off")]["attended"]
+        assert rows[(length, "off")]["cells"] == length + 2
+        assert rows[(length, "fresh")]["cells"] == budget + 2
+    assert [entry["length"] for entry in results["ratios"]] == [300, 600]
+    assert results["remove_scattered"]["freed"] == 300
+    assert results["baseline_library"] is None
     assert results["environment"]["threads"] == 2 and "load_average" in results["environment"]
     assert os.path.getsize(tmp_path / "speed.png") > 1000
-    assert "(b) >= 0.95 x (c)" in (tmp_path / "speed.md").read_text()
+    assert "decode vs fresh" in (tmp_path / "speed.md").read_text()
+
+
+def test_baseline_worker_refuses_a_patched_library(model_path):
+    # the worker process speaks its protocol, loads the model and checks which library it got: ours is patched
+    with pytest.raises(RuntimeError, match="has kvgguf's patches"):
+        BaselineRunner(LIB_DIR, model_path, n_ctx=256, threads=1)
+
+
+def test_bench_memory_compares_eviction_with_the_full_cache(tmp_path, model_path):
+    code = main(["bench", "memory", "-m", model_path, "--n-ctx", "256", "--factor", "2", "--policies", "streaming",
+                 "-o", str(tmp_path)])
+    assert code == 0
+    results = json.loads((tmp_path / "memory.json").read_text())
+    schema.check("memory", results)
+    full, streaming = results["rows"]
+    assert (full["policy"], streaming["policy"]) == ("full", "streaming")
+    assert full["prompt_tokens"] == streaming["prompt_tokens"] > 2 * 256 * 0.8
+    # the full cache held the whole prompt; the evicting one never more than its 256 cells
+    assert full["n_ctx"] >= full["prompt_tokens"] and full["cells_end"] >= full["prompt_tokens"]
+    assert streaming["n_ctx"] == 256 and streaming["cells_end"] <= 256
+    assert streaming["kv_bytes_allocated"] == 256 * streaming["bytes_per_cell"]
+    assert streaming["kv_allocated_vs_full"] == pytest.approx(256 / full["n_ctx"])
+    assert full["peak_rss_bytes"] > full["rss_before_model_bytes"] > 0
+    assert os.path.getsize(tmp_path / "memory.png") > 1000
 
 
 def test_bench_accuracy_writes_a_summary_per_cell(tmp_path, model_path):
@@ -27,13 +72,44 @@ def test_bench_accuracy_writes_a_summary_per_cell(tmp_path, model_path):
                  "--samples", "1", "--keeps", "1.0,0.5", "--policies", "streaming", "-o", str(tmp_path)])
     assert code == 0
     results = json.loads((tmp_path / "accuracy.json").read_text())
+    schema.check("accuracy", results)
     cells = {(s["setting"], s["policy"], s["keep"]): s for s in results["summary"]}
     assert set(cells) == {(setting, policy, keep) for setting in ("query-aware", "query-agnostic")
                           for policy, keep in (("full", 1.0), ("streaming", 0.5))}
     assert all(s["n"] == 1 and 0.0 <= s["accuracy"] <= 1.0 for s in cells.values())
-    # the needle at 256 tokens is found with the full cache in both settings
+    # the needle at 256 tokens is found with the full cache
     assert cells[("query-aware", "full", 1.0)]["accuracy"] == 1.0
     assert cells[("query-agnostic", "full", 1.0)]["accuracy"] == 1.0
     rows = [r for r in results["rows"] if r["policy"] == "streaming"]
     assert all(r["cells_after_eviction"] < r["prompt_tokens"] for r in rows)
     assert os.path.getsize(tmp_path / "accuracy.png") > 1000
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--tasks", "niah_single,nope"], "unknown task 'nope'"),
+    (["--policies", "snapkv,h2o"], "unknown kv_eviction policy 'h2o'"),
+    (["--keeps", "1.0,1.5"], "kv_keep must be in"),
+    (["--settings", "query-blind"], "unknown setting 'query-blind'"),
+])
+def test_bench_accuracy_rejects_bad_arguments_by_name(model_path, capsys, arguments, message):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "accuracy", "-m", model_path, *arguments])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", sorted(schema.SCHEMAS))
+def test_committed_results_follow_the_schema(name):
+    results = json.loads((DOCS / f"{name}.json").read_text())
+    schema.check(name, results)
+    assert (DOCS / f"{name}.md").read_text().startswith(f"# kvgguf bench {name}")
+    assert (DOCS / f"{name}.png").stat().st_size > 1000
+
+
+def test_schema_check_names_the_missing_key():
+    results = {key: None for key in schema.SCHEMAS["memory"]["top"]}
+    results["environment"] = {key: None for key in schema.ENVIRONMENT_KEYS}
+    results["schema_version"] = schema.SCHEMA_VERSION
+    results["rows"] = [{key: 0 for key in schema.SCHEMAS["memory"]["rows"] - {"peak_rss_bytes"}}]
+    with pytest.raises(ValueError, match=r"memory.rows\[0\] lacks peak_rss_bytes"):
+        schema.check("memory", results)

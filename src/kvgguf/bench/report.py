@@ -12,6 +12,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable
 
+from . import schema
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_OUTPUT = Path("docs/benchmarks")
@@ -56,17 +58,21 @@ def environment(threads: int) -> dict[str, Any]:
     }
 
 
-def publish(name: str, results: dict[str, Any], markdown: str, plot: Callable[[Path], Path], output: Path,
-            threads: int) -> list[Path]:
-    """Write ``<name>.json`` (with the load average at the end added), ``<name>.md`` and ``<name>.png`` into
+def publish(name: str, results: dict[str, Any], markdown: Callable[[], str], plot: Callable[[Path], Path],
+            output: Path, threads: int) -> list[Path]:
+    """Write ``<name>.json`` (with the load average at the end added to its environment, checked against
+    ``schema.SCHEMAS[name]``), ``<name>.md`` (made by ``markdown()`` after that) and ``<name>.png`` into
     ``output``, print the markdown; returns the paths."""
     output.mkdir(parents=True, exist_ok=True)
     results["environment"]["load_average_end"] = environment(threads)["load_average"]
+    results.setdefault("schema_version", schema.SCHEMA_VERSION)
+    schema.check(name, results)
+    text = markdown()
     json_path = output / f"{name}.json"
     md_path = output / f"{name}.md"
     json_path.write_text(json.dumps(results, indent=2) + "\n")
-    md_path.write_text(markdown)
+    md_path.write_text(text)
     png_path = plot(output / f"{name}.png")
     logger.info("wrote %s, %s and %s", json_path, md_path, png_path)
-    print(markdown)
+    print(text)
     return [json_path, md_path, png_path]
