@@ -19,7 +19,9 @@ from tqdm import tqdm
 
 from .._native import llama_cpp_api
 from ..llama import Llama
-from ..models import default_model_path
+from ..models import MODEL_HELP, resolve_model
+from ..policies import POLICIES
+from ..settings import validate_settings
 from . import report
 from .tasks import TASKS, Sample, generate, score
 
@@ -33,6 +35,13 @@ FULL = dict(lengths=[1024, 2048, 4096], samples=5, keeps=[1.0, 0.5, 0.3, 0.2, 0.
 class PromptTokens:
     context: list[int]    # chat template + context: what a query-agnostic policy compresses
     question: list[int]   # question + assistant header: decoded after the compression
+
+
+def chat_formatter(llm: Llama) -> Jinja2ChatFormatter:
+    """The model's own chat template (from the GGUF metadata)."""
+    return Jinja2ChatFormatter(template=llm.metadata["tokenizer.chat_template"],
+                               eos_token=llm.detokenize([llm.token_eos()]).decode(),
+                               bos_token=llm.detokenize([llm.token_bos()]).decode())
 
 
 def split_prompt(llm: Llama, formatter: Jinja2ChatFormatter, sample: Sample) -> PromptTokens:
@@ -60,36 +69,43 @@ def answer(llm: Llama, tokens: PromptTokens, setting: str, max_tokens: int) -> s
     return llm.detokenize(out).decode("utf-8", errors="ignore")
 
 
-def run(model: str, tasks: list[str], lengths: list[int], keeps: list[float], policies: list[str], samples: int,
-        settings: list[str], threads: int, max_tokens: int = 32) -> list[dict[str, Any]]:
-    n_ctx = max(lengths) + 256
-    llm = Llama(model, n_ctx=n_ctx, n_batch=512, n_threads=threads, n_threads_batch=threads, verbose=False)
-    formatter = Jinja2ChatFormatter(template=llm.metadata["tokenizer.chat_template"],
-                                    eos_token=llm.detokenize([llm.token_eos()]).decode(),
-                                    bos_token=llm.detokenize([llm.token_bos()]).decode())
+def prepare(llm: Llama, tasks: list[str], lengths: list[int], samples: int) -> list[tuple[Sample, PromptTokens]]:
+    """Every (task, length, seed) sample with its chat-formatted tokens: the same for every configuration."""
+    formatter = chat_formatter(llm)
     count = lambda text: len(llm.tokenize(text.encode(), add_bos=False))  # noqa: E731
+    jobs = []
+    for task, length, seed in itertools.product(tasks, lengths, range(samples)):
+        sample = generate(task, length, seed, count)
+        jobs.append((sample, split_prompt(llm, formatter, sample)))
+    return jobs
+
+
+def run(llm: Llama, jobs: list[tuple[Sample, PromptTokens]], keeps: list[float], policies: list[str],
+        settings: list[str], max_tokens: int = 32) -> list[dict[str, Any]]:
+    """One row per job x (policy, keep) x setting. The full cache (keep 1.0) is answered once per job: both
+    settings decode the same tokens into the same cache, so its row is recorded for each setting."""
     configs = [("full", 1.0)] if 1.0 in keeps else []
     configs += [(policy, keep) for policy, keep in itertools.product(policies, keeps) if keep < 1.0]
-    jobs = list(itertools.product(tasks, lengths, range(samples)))
+    n_answers = sum(1 if policy == "full" else len(settings) for policy, _ in configs)
     rows = []
-    progress = tqdm(total=len(jobs) * len(configs) * len(settings), desc="bench accuracy", unit="answer")
-    for task, length, seed in jobs:
-        sample = generate(task, length, seed, count)
-        tokens = split_prompt(llm, formatter, sample)
-        for (policy, keep), setting in itertools.product(configs, settings):
+    progress = tqdm(total=len(jobs) * n_answers, desc="bench accuracy", unit="answer")
+    for sample, tokens in jobs:
+        for policy, keep in configs:
             if policy == "full":
                 llm.configure_kv_eviction(None)
             else:
                 llm.configure_kv_eviction(policy, kv_keep=keep)
-            output = answer(llm, tokens, setting, max_tokens)
-            stats = llm.kv_stats()
-            rows.append({"task": task, "length": length, "seed": seed, "policy": policy, "keep": keep,
-                         "setting": setting, "score": score(sample, output), "output": output,
-                         "prompt_tokens": len(tokens.context) + len(tokens.question),
-                         "cells_after_eviction": stats["cells_after"] if policy != "full" else None})
-            progress.update()
+            for setting in settings[:1] if policy == "full" else settings:
+                output = answer(llm, tokens, setting, max_tokens)
+                stats = llm.kv_stats()
+                progress.update()
+                for recorded in settings if policy == "full" else [setting]:
+                    rows.append({"task": sample.task, "length": sample.n_tokens_target, "seed": sample.seed,
+                                 "policy": policy, "keep": keep, "setting": recorded,
+                                 "score": score(sample, output), "output": output,
+                                 "prompt_tokens": len(tokens.context) + len(tokens.question),
+                                 "cells_after_eviction": stats["cells_after"] if policy != "full" else None})
     progress.close()
-    llm.close()
     return rows
 
 
@@ -103,28 +119,44 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
              "accuracy": sum(v) / len(v), "n": len(v)} for k, v in sorted(groups.items())]
 
 
-def markdown(summary: list[dict[str, Any]], env: dict[str, Any]) -> str:
+def markdown(summary: list[dict[str, Any]], env: dict[str, Any],
+             correlation_summary: list[dict[str, Any]] | None = None) -> str:
     lines = ["# kvgguf bench accuracy", "",
              f"`{env['command']}` — commit `{env['commit']}`, {env['cpu']}, {env['threads']} threads.", "",
              "Accuracy (fraction of expected answers found, greedy decoding), n = samples per cell. kv_keep is the "
              "fraction of the prompt's evictable cells kept (kvpress's compression_ratio = 1 - kv_keep); 1.0 is "
-             "the full cache.", ""]
+             "the full cache. `mean` is the unweighted mean over the tasks of the row.", ""]
+    if any(s["policy"].startswith("kvpress:") for s in summary):
+        lines += ["Rows `kvpress:<press>` are kvpress's presses on the same model (transformers, weights "
+                  "dequantized from the same GGUF file) and the same token ids, at the same kv_keep. kvpress does "
+                  "not free memory: it prunes a PyTorch cache (or masks it); our policies evict cells from "
+                  "llama.cpp's cache.", ""]
     tasks = sorted({s["task"] for s in summary})
     for setting in SETTINGS:
         part = [s for s in summary if s["setting"] == setting]
         if not part:
             continue
-        lines += [f"## {setting}", "", "| policy | keep | length | " + " | ".join(tasks) + " |",
-                  "|---|---|---|" + "---|" * len(tasks)]
-        keys = sorted({(s["policy"], s["keep"], s["length"]) for s in part}, key=lambda k: (k[0] != "full", k[0],
-                                                                                          -k[1], k[2]))
+        lines += [f"## {setting}", "", "| policy | keep | length | " + " | ".join(tasks) + " | mean |",
+                  "|---|---|---|" + "---|" * (len(tasks) + 1)]
+        keys = sorted({(s["policy"], s["keep"], s["length"]) for s in part},
+                      key=lambda k: (k[0] != "full", k[0].startswith("kvpress:"), k[0], -k[1], k[2]))
         for policy, keep, length in keys:
-            cells = []
+            cells, values = [], []
             for task in tasks:
                 hit = [s for s in part if (s["policy"], s["keep"], s["length"], s["task"]) == (policy, keep, length,
                                                                                                  task)]
                 cells.append(f"{hit[0]['accuracy']:.2f} (n={hit[0]['n']})" if hit else "—")
-            lines.append(f"| {policy} | {keep} | {length} | " + " | ".join(cells) + " |")
+                values += [hit[0]["accuracy"]] if hit else []
+            lines.append(f"| {policy} | {keep} | {length} | " + " | ".join(cells) +
+                         f" | {sum(values) / len(values):.2f} |")
+        lines.append("")
+    if correlation_summary:
+        lines += ["## Score rank correlation with kvpress", "",
+                  "Spearman correlation between our per-cell scores and kvpress's for the same prompt (the first "
+                  "sample, question included), per (layer, KV head), over the cells neither side protects.", "",
+                  "| method | pairs | mean | median | min | share >= 0.9 |", "|---|---|---|---|---|---|"]
+        lines += [f"| {c['method']} | {c['n_pairs']} | {c['mean']:.3f} | {c['median']:.3f} | {c['min']:.3f} | "
+                  f"{c['frac_ge_0_9']:.2f} |" for c in correlation_summary]
         lines.append("")
     return "\n".join(lines)
 
@@ -163,18 +195,65 @@ def plot(summary: list[dict[str, Any]], path: Path) -> Path:
 
 def main(args: argparse.Namespace) -> int:
     profile = QUICK if args.quick else FULL
-    model = args.model or str(default_model_path())
+    model = str(resolve_model(args.model))
     env = report.environment(args.threads)
     lengths = args.lengths or profile["lengths"]
     keeps = args.keeps or profile["keeps"]
     samples = args.samples or profile["samples"]
-    rows = run(model, args.tasks, lengths, keeps, args.policies, samples, args.settings, args.threads)
+    check_arguments(args.tasks, args.policies, keeps, args.settings, lengths)
+    llm = Llama(model, n_ctx=max(lengths) + 256, n_batch=512, n_threads=args.threads,
+                n_threads_batch=args.threads, verbose=False)
+    jobs = prepare(llm, args.tasks, lengths, samples)
+    rows = run(llm, jobs, keeps, args.policies, args.settings)
+    results: dict[str, Any] = {"model": Path(model).name, "profile": "quick" if args.quick else "full",
+                               "lengths": lengths, "keeps": keeps, "samples": samples}
+    if args.compare == "kvpress":
+        rows += compare_kvpress(model, llm, jobs, keeps, args.kvpress_methods, args.settings, args.threads, results)
+    llm.close()
     summary = summarize(rows)
-    results = {"model": Path(model).name, "profile": "quick" if args.quick else "full", "lengths": lengths,
-               "keeps": keeps, "samples": samples, "summary": summary, "rows": rows, "environment": env}
-    report.publish("accuracy", results, markdown(summary, env), lambda path: plot(summary, path),
-                   Path(args.output), args.threads)
+    results.update(summary=summary, rows=rows, environment=env)
+    report.publish("accuracy", results, lambda: markdown(summary, env, results.get("correlation_summary")),
+                   lambda path: plot(summary, path), Path(args.output), args.threads)
     return 0
+
+
+def compare_kvpress(model: str, llm: Llama, jobs: list[tuple[Sample, PromptTokens]], keeps: list[float],
+                    methods: list[str], settings: list[str], threads: int, results: dict[str, Any]) -> list[dict]:
+    """kvpress's presses on the same model (transformers, from the same GGUF file) and the same token ids; adds
+    the score correlations on the first job's query-aware prompt to ``results``; returns the answer rows."""
+    try:
+        from . import compare
+    except ImportError as error:
+        raise ValueError(f"--compare kvpress needs the [compare] extra (pip install 'kvgguf[compare]'): {error}")
+    ours = [method for method in methods if method in POLICIES]
+    first = jobs[0][1]
+    correlations = compare.score_correlations(model, first.context + first.question, ours, threads=threads)
+    results.update(kvpress_version=compare.kvpress_version(), correlations=correlations,
+                   correlation_summary=compare.summarize_correlations(correlations))
+    n_answers = len(settings) * len(methods) * sum(keep < 1.0 for keep in keeps) + (1.0 in keeps)
+    progress = tqdm(total=len(jobs) * n_answers, desc="kvpress", unit="answer")
+    rows = compare.run_kvpress(model, [(sample, tokens.context, tokens.question) for sample, tokens in jobs],
+                               methods, keeps, settings, max_tokens=32,
+                               detokenize=lambda ids: llm.detokenize(ids).decode("utf-8", errors="ignore"),
+                               progress=progress)
+    progress.close()
+    return rows
+
+
+def check_arguments(tasks: list[str], policies: list[str], keeps: list[float], settings: list[str],
+                    lengths: list[int]) -> None:
+    """Raise ValueError naming the first bad value, before anything is loaded."""
+    for task in tasks:
+        if task not in TASKS:
+            raise ValueError(f"unknown task {task!r}; known: {sorted(TASKS)}")
+    for setting in settings:
+        if setting not in SETTINGS:
+            raise ValueError(f"unknown setting {setting!r}; known: {list(SETTINGS)}")
+    for length in lengths:
+        if length < 64:
+            raise ValueError(f"context length {length} is too short (at least 64 tokens)")
+    for policy, keep in itertools.product(policies, keeps):
+        validate_settings(policy, keep)
 
 
 def _floats(text: str) -> list[float]:
@@ -186,7 +265,7 @@ def _ints(text: str) -> list[int]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("-m", "--model", help="GGUF file (default: SmolLM2-135M-Instruct Q4_1)")
+    parser.add_argument("-m", "--model", help=MODEL_HELP)
     parser.add_argument("--quick", action="store_true", help="1K contexts, 2 samples, keep 1.0/0.5/0.2")
     parser.add_argument("--tasks", type=lambda t: t.split(","), default=sorted(TASKS))
     parser.add_argument("--policies", type=lambda t: t.split(","), default=["snapkv", "streaming"])
@@ -194,5 +273,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lengths", type=_ints, help="context lengths in tokens, comma-separated")
     parser.add_argument("--keeps", type=_floats, help="kept ratios, comma-separated (1.0 = full cache)")
     parser.add_argument("--samples", type=int, help="samples per task and length")
+    parser.add_argument("--compare", choices=["kvpress"], help="also run kvpress's presses (PyTorch, masking) on the "
+                        "same model and prompts; needs the [compare] extra")
+    parser.add_argument("--kvpress-methods", type=lambda t: t.split(","), default=["snapkv", "streaming", "kvzip"],
+                        help="kvpress presses to run with --compare (named like our policies)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("-o", "--output", default=str(report.DEFAULT_OUTPUT), help="folder for JSON/markdown/PNG")
