@@ -165,3 +165,65 @@ def test_call_with_logprobs_past_n_ctx(model_path):
         assert llm.kv_stats()["cells_now"] <= llm.n_ctx()
     finally:
         llm.close()
+
+
+def next_logits(llm: Llama, token: int) -> np.ndarray:
+    llm.eval([token])
+    return np.array(llm.eval_logits[-1])
+
+
+def test_snapshot_restore_gives_identical_logits(model_path):
+    llm = Llama(model_path, n_ctx=1024, n_threads=2, verbose=False)
+    prompt = llm.tokenize(haystack(20, seed=5).encode())
+    other = llm.tokenize(haystack(25, seed=6).encode())
+    llm.prefill(prompt)
+    snapshot = llm.kv_snapshot()
+    assert snapshot.tokens.tolist() == prompt
+    reference = next_logits(llm, 42)
+    llm.prefill(other)                      # the cache now holds something else
+    llm.kv_restore(snapshot)
+    assert llm.n_tokens == len(prompt) and llm.kv_positions().tolist() == list(range(len(prompt)))
+    assert np.array_equal(next_logits(llm, 42), reference)
+    llm.close()
+
+
+def test_prefill_continues_a_restored_prefix_and_evicts_over_all_of_it(model_path):
+    llm = Llama(model_path, n_ctx=1024, n_threads=2, verbose=False)
+    tokens = llm.tokenize(haystack(30, seed=7).encode())
+    llm.prefill(tokens[:-40])
+    snapshot = llm.kv_snapshot()
+    llm.configure_kv_eviction("snapkv", kv_keep=0.5, kv_granularity="token")
+    llm.kv_restore(snapshot)
+    llm.prefill(tokens[-40:], reset=False)
+    stats = llm.kv_stats()
+    assert stats["cells_before"] == len(tokens)
+    assert stats["cells_after"] == llm.kv_settings.target_cells(len(tokens))
+    # the observers were the last window: the protected tail is there, the positions never renumbered
+    positions = llm.kv_positions()
+    assert positions[-32:].tolist() == list(range(len(tokens) - 32, len(tokens)))
+    # token-level compression can be snapshot and restored; per-head compression is refused, naming why
+    compressed = llm.kv_snapshot()
+    llm.kv_restore(compressed)
+    assert np.array_equal(llm.kv_positions(), positions)
+    llm.configure_kv_eviction("snapkv", kv_keep=0.5)
+    llm.prefill(tokens)
+    with pytest.raises(ValueError, match="compressed per KV head"):
+        llm.kv_snapshot()
+    llm.close()
+
+
+def test_restore_rejects_what_does_not_fit(model_path):
+    big = Llama(model_path, n_ctx=1024, n_threads=2, verbose=False)
+    big.prefill(big.tokenize(haystack(40, seed=8).encode()))
+    snapshot = big.kv_snapshot()
+    big.close()
+    small = Llama(model_path, n_ctx=256, n_threads=2, verbose=False)
+    assert snapshot.tokens.size > 256
+    with pytest.raises(ValueError, match="does not fit"):
+        small.kv_restore(snapshot)
+    with pytest.raises(ValueError, match="takes a KVSnapshot"):
+        small.kv_restore(b"not a snapshot")
+    # still usable
+    out = small.create_completion("The capital of France is", max_tokens=4, temperature=0)
+    assert out["choices"][0]["text"]
+    small.close()

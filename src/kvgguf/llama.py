@@ -7,8 +7,10 @@ reused as a token prefix by a later call.
 """
 from __future__ import annotations
 
+import ctypes
 import time
 from collections.abc import Generator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -24,6 +26,15 @@ from .tap import AttentionTap
 
 SEQ_ID = 0  # llama_cpp.Llama decodes everything into sequence 0
 POS_END = 2**31 - 1  # an open end for the tap's position range
+
+
+@dataclass(frozen=True)
+class KVSnapshot:
+    """What ``Llama.kv_snapshot`` copied: llama.cpp's state of the model's sequence (its cells, K and V rows) and
+    the token ids decoded so far."""
+
+    data: bytes
+    tokens: np.ndarray
 
 
 class Llama(llama_cpp.Llama):
@@ -56,6 +67,7 @@ class Llama(llama_cpp.Llama):
         self._kv_policy: Policy | None = None
         self._kv_prompt_pending = False
         self._kv_last_scores: dict[str, np.ndarray] | None = None
+        self._kv_head_mixed = False  # a per-head compaction since the last reset
         super().__init__(model_path, *args, **kwargs)
 
         cache = KVCacheView(self._ctx.ctx, SEQ_ID)
@@ -154,6 +166,7 @@ class Llama(llama_cpp.Llama):
     def reset(self) -> None:
         super().reset()
         self._stop_tap()
+        self._kv_head_mixed = False
 
     # --- attention tap ---
 
@@ -185,13 +198,49 @@ class Llama(llama_cpp.Llama):
             self._kv_prompt_pending = True
         return (yield from super().generate(tokens, *args, reset=reset, **kwargs))
 
-    def prefill(self, tokens: Sequence[int]) -> None:
-        """Decode ``tokens`` as a new prompt: the cache starts empty, is filled in chunks and, with a policy,
-        evicted to the budget. Continue with ``generate(more_tokens, reset=False)``: when the question comes
+    def prefill(self, tokens: Sequence[int], reset: bool = True) -> None:
+        """Decode ``tokens`` as a prompt: the cache is filled in chunks and, with a policy, evicted to the
+        budget. With ``reset=False`` the tokens continue what the cache holds (e.g. after ``kv_restore``) and the
+        budget applies to all of it. Continue with ``generate(more_tokens, reset=False)``: when the question comes
         in ``more_tokens``, this is query-agnostic compression (the policy never saw the question)."""
-        self.reset()
+        if reset:
+            self.reset()
         self._kv_prompt_pending = self._kv_policy is not None
         self.eval(tokens)
+
+    def kv_snapshot(self) -> KVSnapshot:
+        """A copy of what the model's sequence holds: llama.cpp's sequence state and the tokens decoded so far.
+
+        Snapshots of a cache compressed per KV head are refused: llama.cpp's state format does not record which
+        cells hold tokens of different positions per head."""
+        if self._kv_head_mixed:
+            raise ValueError("kv_snapshot() of a cache compressed per KV head is not supported; snapshot before "
+                             "the eviction or use kv_granularity='token'")
+        ctx = self._ctx.ctx
+        self._ctx.kv_cache_seq_rm(SEQ_ID, self.n_tokens, -1)  # cells past n_tokens are stale (after reset())
+        size = llama_cpp_api.llama_state_seq_get_size(ctx, SEQ_ID)
+        buffer = (ctypes.c_uint8 * size)()
+        written = llama_cpp_api.llama_state_seq_get_data(ctx, buffer, size, SEQ_ID)
+        if written == 0 and size > 0:
+            raise RuntimeError("llama_state_seq_get_data copied nothing")
+        return KVSnapshot(data=bytes(buffer[:written]), tokens=self.input_ids[:self.n_tokens].copy())
+
+    def kv_restore(self, snapshot: KVSnapshot) -> None:
+        """Replace what the model's sequence holds by ``snapshot`` (taken from this model with the same context
+        parameters); the next ``prefill(..., reset=False)`` or ``generate(..., reset=False)`` continues it."""
+        if not isinstance(snapshot, KVSnapshot):
+            raise ValueError(f"kv_restore() takes a KVSnapshot, got {type(snapshot).__name__}")
+        self.reset()
+        self._ctx.kv_cache_seq_rm(SEQ_ID, -1, -1)
+        if snapshot.data:
+            buffer = (ctypes.c_uint8 * len(snapshot.data)).from_buffer_copy(snapshot.data)
+            if llama_cpp_api.llama_state_seq_set_data(self._ctx.ctx, buffer, len(snapshot.data), SEQ_ID) == 0:
+                raise ValueError("the snapshot does not fit this model's cache (another model, or fewer cells)")
+        n_tokens = int(snapshot.tokens.size)
+        if n_tokens > self.input_ids.shape[0]:
+            self.input_ids = np.zeros(n_tokens, dtype=self.input_ids.dtype)
+        self.input_ids[:n_tokens] = snapshot.tokens
+        self.n_tokens = n_tokens
 
     def eval(self, tokens: Sequence[int]) -> None:
         if self._kv_policy is None:
@@ -285,6 +334,7 @@ class Llama(llama_cpp.Llama):
         protect[-1] = True
         self._stop_tap()  # the scores follow cell indices, which the eviction changes
         self._kv_engine.evict(positions, scores, n_keep, protect, score_s=score_s)
+        self._kv_head_mixed = self._kv_head_mixed or scores.ndim == 3
 
     def _eval_growing(self, tokens: list[int]) -> None:
         """The parent's eval, with input_ids (and scores when logits_all) grown past n_ctx positions."""
