@@ -18,10 +18,10 @@ from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 from tqdm import tqdm
 
 from .._native import llama_cpp_api
-from ..llama import Llama
-from ..models import MODEL_HELP, resolve_model
+from ..llama import KVSnapshot, Llama
+from ..models import resolve_model
 from ..policies import POLICIES
-from ..settings import validate_settings
+from ..settings import DEFAULT_WINDOW, validate_settings
 from . import report
 from .tasks import TASKS, Sample, generate, score
 
@@ -52,13 +52,21 @@ def split_prompt(llm: Llama, formatter: Jinja2ChatFormatter, sample: Sample) -> 
                         question=llm.tokenize(prompt[end:].encode(), add_bos=False, special=True))
 
 
-def answer(llm: Llama, tokens: PromptTokens, setting: str, max_tokens: int) -> str:
-    """Greedy answer; the eviction (if any) happens after the context or after the question."""
+def answer(llm: Llama, tokens: PromptTokens, setting: str, max_tokens: int,
+           prefix: tuple[int, KVSnapshot] | None = None) -> str:
+    """Greedy answer; the eviction (if any) happens after the context or after the question.
+
+    ``prefix``: (n, snapshot of the full cache after the first n context tokens), to start from instead of
+    decoding those tokens again; n must leave the policy's observation window to decode."""
+    n_done = 0
+    if prefix is not None:
+        n_done, snapshot = prefix
+        llm.kv_restore(snapshot)
     if setting == "query-aware":
-        llm.prefill(tokens.context + tokens.question)
+        llm.prefill((tokens.context + tokens.question)[n_done:], reset=prefix is None)
         rest: list[int] = []
     else:
-        llm.prefill(tokens.context)
+        llm.prefill(tokens.context[n_done:], reset=prefix is None)
         rest = tokens.question
     vocab = llama_cpp_api.llama_model_get_vocab(llm.model)
     out: list[int] = []
@@ -67,6 +75,17 @@ def answer(llm: Llama, tokens: PromptTokens, setting: str, max_tokens: int) -> s
             break
         out.append(token)
     return llm.detokenize(out).decode("utf-8", errors="ignore")
+
+
+def shared_prefix(llm: Llama, tokens: PromptTokens, window: int) -> tuple[int, KVSnapshot] | None:
+    """Decode the context without its last ``window`` tokens once, into the full cache, and snapshot it: every
+    configuration and setting starts from there (the policies' observers are the tokens after it)."""
+    n = len(tokens.context) - window
+    if n <= 0:
+        return None
+    llm.configure_kv_eviction(None)
+    llm.prefill(tokens.context[:n])
+    return n, llm.kv_snapshot()
 
 
 def prepare(llm: Llama, tasks: list[str], lengths: list[int], samples: int) -> list[tuple[Sample, PromptTokens]]:
@@ -90,13 +109,14 @@ def run(llm: Llama, jobs: list[tuple[Sample, PromptTokens]], keeps: list[float],
     rows = []
     progress = tqdm(total=len(jobs) * n_answers, desc="bench accuracy", unit="answer")
     for sample, tokens in jobs:
+        prefix = shared_prefix(llm, tokens, DEFAULT_WINDOW)
         for policy, keep in configs:
             if policy == "full":
                 llm.configure_kv_eviction(None)
             else:
                 llm.configure_kv_eviction(policy, kv_keep=keep)
             for setting in settings[:1] if policy == "full" else settings:
-                output = answer(llm, tokens, setting, max_tokens)
+                output = answer(llm, tokens, setting, max_tokens, prefix)
                 stats = llm.kv_stats()
                 progress.update()
                 for recorded in settings if policy == "full" else [setting]:
@@ -187,10 +207,7 @@ def plot(summary: list[dict[str, Any]], path: Path) -> Path:
         ax.set_ylim(-0.05, 1.05)
     axes[0][0].set_ylabel("accuracy")
     axes[0][-1].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return report.save_figure(fig, path)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -265,7 +282,7 @@ def _ints(text: str) -> list[int]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("-m", "--model", help=MODEL_HELP)
+    report.add_common_arguments(parser)
     parser.add_argument("--quick", action="store_true", help="1K contexts, 2 samples, keep 1.0/0.5/0.2")
     parser.add_argument("--tasks", type=lambda t: t.split(","), default=sorted(TASKS))
     parser.add_argument("--policies", type=lambda t: t.split(","), default=["snapkv", "streaming"])
@@ -277,5 +294,3 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "same model and prompts; needs the [compare] extra")
     parser.add_argument("--kvpress-methods", type=lambda t: t.split(","), default=["snapkv", "streaming", "kvzip"],
                         help="kvpress presses to run with --compare (named like our policies)")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("-o", "--output", default=str(report.DEFAULT_OUTPUT), help="folder for JSON/markdown/PNG")

@@ -24,7 +24,8 @@ from typing import Any
 
 from tqdm import tqdm
 
-from ..models import MODEL_HELP, resolve_model
+from ..models import resolve_model
+from ..settings import validate_settings
 from . import report
 
 TASK = "niah_single"
@@ -156,14 +157,13 @@ def plot(results: dict[str, Any], path: Path) -> Path:
     ax.set_title(f"{results['n_prompt_target']}-token prompt: n_ctx {results['n_ctx']} + eviction vs full cache",
                  fontsize=9)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return report.save_figure(fig, path)
 
 
 def main(args: argparse.Namespace) -> int:
     model = str(resolve_model(args.model))
+    for policy in args.policies:
+        validate_settings(policy, args.keep)  # a bad name or ratio fails here, naming it, before any loading
     env = report.environment(args.threads)
     results = run(model, args.n_ctx, args.factor, args.policies, args.keep, args.seed, args.threads)
     results["model"] = Path(model).name
@@ -174,14 +174,12 @@ def main(args: argparse.Namespace) -> int:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("-m", "--model", help=MODEL_HELP)
+    report.add_common_arguments(parser)
     parser.add_argument("--n-ctx", type=int, default=2048, help="cells of the evicting cache")
     parser.add_argument("--factor", type=int, default=4, help="prompt length as a multiple of n_ctx")
     parser.add_argument("--keep", type=float, default=0.5, help="kv_keep after the whole prompt is in")
     parser.add_argument("--policies", type=lambda t: t.split(","), default=["snapkv", "streaming"])
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("-o", "--output", default=str(report.DEFAULT_OUTPUT), help="folder for JSON/markdown/PNG")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Writing benchmark results: JSON with the raw numbers and the environment, a markdown table, PNG plots."""
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
@@ -12,11 +13,29 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable
 
+from ..models import MODEL_HELP
 from . import schema
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_OUTPUT = Path("docs/benchmarks")
+
+
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    """-m, --threads and -o, the same for every benchmark."""
+    parser.add_argument("-m", "--model", help=MODEL_HELP)
+    parser.add_argument("--threads", type=int, default=2, help="llama.cpp threads (the benchmarks record them)")
+    parser.add_argument("-o", "--output", default=str(DEFAULT_OUTPUT), help="folder for JSON/markdown/PNG")
+
+
+def save_figure(fig: Any, path: Path) -> Path:
+    """Write a matplotlib figure as PNG and release it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def environment(threads: int) -> dict[str, Any]:

@@ -31,7 +31,8 @@ from tqdm import tqdm
 
 from ..engine import KVCacheView
 from ..llama import Llama
-from ..models import MODEL_HELP, resolve_model
+from ..models import resolve_model
+from ..settings import validate_settings
 from ..text import haystack
 from . import report
 
@@ -318,15 +319,14 @@ def plot(results: dict[str, Any], path: Path) -> Path:
         ax.set_xlabel("prompt tokens (L)")
         ax.set_xscale("log", base=2)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return report.save_figure(fig, path)
 
 
 def main(args: argparse.Namespace) -> int:
     profile = QUICK if args.quick else FULL
     model = str(resolve_model(args.model))
+    for policy in args.policies:
+        validate_settings(policy, args.keep)  # a bad name or ratio fails here, naming it, before any loading
     baseline_lib: Path | None = None
     if not args.no_baseline:
         baseline_lib = Path(args.baseline_lib) if args.baseline_lib else DEFAULT_BASELINE_LIB
@@ -347,7 +347,7 @@ def main(args: argparse.Namespace) -> int:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("-m", "--model", help=MODEL_HELP)
+    report.add_common_arguments(parser)
     parser.add_argument("--quick", action="store_true", help="lengths 1K and 4K, fewer rounds")
     parser.add_argument("--lengths", type=lambda t: [int(x) for x in t.split(",")],
                         help="prompt lengths in tokens, comma-separated (default 2048,4096,8192)")
@@ -359,5 +359,3 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--baseline-lib", help="directory of the unpatched libllama (default: where "
                         "scripts/build_baseline.sh puts it)")
     parser.add_argument("--no-baseline", action="store_true", help="skip the unpatched llama.cpp")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("-o", "--output", default=str(report.DEFAULT_OUTPUT), help="folder for JSON/markdown/PNG")
