@@ -166,8 +166,7 @@ def main(args: argparse.Namespace) -> int:
         validate_settings(policy, args.keep)  # a bad name or ratio fails here, naming it, before any loading
     env = report.environment(args.threads)
     results = run(model, args.n_ctx, args.factor, args.policies, args.keep, args.seed, args.threads)
-    results["model"] = Path(model).name
-    results["environment"] = env
+    results.update(model=Path(model).name, environment=env)
     report.publish("memory", results, lambda: markdown(results, env), lambda path: plot(results, path),
                    Path(args.output), args.threads)
     return 0

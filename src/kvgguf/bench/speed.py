@@ -338,9 +338,7 @@ def main(args: argparse.Namespace) -> int:
     results = run(model, args.lengths or profile["lengths"], args.keep, args.policies,
                   args.rounds or profile["rounds"], args.prefill_rounds or profile["prefill_rounds"], args.n_decode,
                   args.threads, baseline_lib)
-    results["model"] = Path(model).name
-    results["profile"] = "quick" if args.quick else "full"
-    results["environment"] = env
+    results.update(model=Path(model).name, profile="quick" if args.quick else "full", environment=env)
     report.publish("speed", results, lambda: markdown(results, env), lambda path: plot(results, path),
                    Path(args.output), args.threads)
     return 0
