@@ -19,6 +19,7 @@ from ._native import libllama, llama_cpp, llama_cpp_api
 from .engine import EvictionEngine, KVCacheView, kv_bytes_per_cell
 from .models import check_gguf_file
 from .policies import Policy, ScoreInput
+from .policies.kvzip import CHUNK_TOKENS, FIRST_REQUEST, QUOTED_TOKENS, KVzipPolicy
 from .scores import reduce_groups
 from .settings import DEFAULT_SINK, DEFAULT_WINDOW, EvictionSettings, validate_settings
 from .tap import AttentionTap
@@ -26,6 +27,7 @@ from .tap import AttentionTap
 
 SEQ_ID = 0  # llama_cpp.Llama decodes everything into sequence 0
 POS_END = 2**31 - 1  # an open end for the tap's position range
+MIN_RECONSTRUCTION_CHUNK = 64  # fewer free cells than this: KVzip falls back to its last scores
 
 
 @dataclass(frozen=True)
@@ -120,6 +122,7 @@ class Llama(llama_cpp.Llama):
         self._stop_tap()
         self._kv_settings = settings
         self._kv_policy = settings.policy() if settings else None
+        self._kv_last_scores = None
         self._kv_prompt_pending = False
 
     @property
@@ -250,7 +253,7 @@ class Llama(llama_cpp.Llama):
             self._kv_prompt_pending = False
             self._prefill_with_eviction(tokens)
         else:
-            if (self._kv_policy.needs_attention and not self._kv_tap_running and
+            if (self._observes_window() and not self._kv_tap_running and
                     self._kv_engine.cache.n_cells() + len(tokens) > self.n_ctx() - self._observation_window() - 1):
                 # the cache is about to fill: the next tokens observe, as the prompt's last tokens did at prefill
                 self._start_tap(self.n_tokens, POS_END)
@@ -273,7 +276,7 @@ class Llama(llama_cpp.Llama):
             is_last = i == len(starts) - 1
             next_len = 0 if is_last else min(chunk, len(tokens) - starts[i + 1])
             evicts_next = is_last or self._kv_engine.cache.n_cells() + len(piece) + next_len > n_ctx
-            if self._kv_policy is not None and self._kv_policy.needs_attention and evicts_next:
+            if self._observes_window() and evicts_next:
                 # the last tokens of a chunk that an eviction follows are the observers for that eviction
                 end = self.n_tokens + len(piece)
                 self._start_tap(max(0, end - self._observation_window()), end)
@@ -314,7 +317,9 @@ class Llama(llama_cpp.Llama):
         assert settings is not None and policy is not None
         t0 = time.perf_counter()
         attention = None
-        if policy.needs_attention:
+        if policy.observes_reconstruction:
+            attention = self._reconstruction_attention(positions)
+        elif policy.needs_attention:
             if self._kv_tap_running and self._kv_tap.n_rows() > 0:
                 attention = self._kv_tap.scores(SEQ_ID)
             else:
@@ -335,6 +340,75 @@ class Llama(llama_cpp.Llama):
         self._stop_tap()  # the scores follow cell indices, which the eviction changes
         self._kv_engine.evict(positions, scores, n_keep, protect, score_s=score_s)
         self._kv_head_mixed = self._kv_head_mixed or scores.ndim == 3
+
+    def _observes_window(self) -> bool:
+        """The policy scores with the tap over the prompt's last window (SnapKV), not a reconstruction."""
+        policy = self._kv_policy
+        return policy is not None and policy.needs_attention and not policy.observes_reconstruction
+
+    def _chat_request(self, text: str) -> list[int]:
+        """``text`` as a user message in the model's chat template, up to the assistant header, as tokens."""
+        template = self.metadata.get("tokenizer.chat_template")
+        if template is None:
+            prompt = f"\n\n{text}\n\n"
+        else:
+            from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+            formatter = Jinja2ChatFormatter(template=template, eos_token=self.detokenize([self.token_eos()]).decode(),
+                                            bos_token=self.detokenize([self.token_bos()]).decode())
+            prompt = formatter(messages=[{"role": "user", "content": text}]).prompt
+        return self.tokenize(prompt.encode(), add_bos=False, special=True)
+
+    def _reconstruction_attention(self, positions: np.ndarray) -> np.ndarray:
+        """KVzip's scores: teacher-force the cached context after a "repeat it" request, chunk by chunk, after
+        the cache's cells, with the tap on the forced tokens; then remove those cells again.
+
+        Where the cache has no room for a reconstruction chunk (a decode that fills it) or its cells hold
+        different tokens per KV head (after a per-head eviction), the cells keep the scores of the last
+        reconstruction and cells decoded since then rank above them."""
+        policy = self._kv_policy
+        assert isinstance(policy, KVzipPolicy)
+        n_layer, n_head_kv = self._kv_engine.n_layer, self._kv_engine.n_head_kv
+        n_cells = positions.size
+        first_request = self._chat_request(FIRST_REQUEST)
+        room = self.n_ctx() - n_cells - len(first_request) - QUOTED_TOKENS - 8
+        if room < MIN_RECONSTRUCTION_CHUNK or self._kv_head_mixed:
+            return self._remembered_scores(positions, room)
+        n_done = self.n_tokens
+        tokens = self.input_ids[positions].tolist()
+        first = 1 if tokens and tokens[0] == self.token_bos() else 0
+        chunks = policy.reconstruction(tokens[first:], min(CHUNK_TOKENS, room), self._chat_request,
+                                       lambda ids: self.detokenize(ids).decode("utf-8", errors="ignore"))
+        attention = np.zeros((n_layer, n_head_kv, n_cells), dtype=np.float32)
+        for chunk in chunks:
+            p0 = n_done + len(chunk.request)
+            self._kv_tap.start(SEQ_ID, p0, p0 + len(chunk.forced), policy.tap_reduce_rows, policy.tap_reduce_heads)
+            self._kv_tap_running = True
+            self._eval_growing(chunk.request + chunk.forced)
+            np.maximum(attention, self._kv_tap.scores(SEQ_ID)[:, :, :n_cells], out=attention)
+            self._stop_tap()
+            self._ctx.kv_cache_seq_rm(SEQ_ID, n_done, -1)
+            self.n_tokens = n_done
+        # the logits of the context's last token again (the reconstruction overwrote them)
+        last = int(self.input_ids[n_done - 1])
+        self._ctx.kv_cache_seq_rm(SEQ_ID, n_done - 1, -1)
+        self.n_tokens = n_done - 1
+        self._eval_growing([last])
+        return attention
+
+    def _remembered_scores(self, positions: np.ndarray, room: int) -> np.ndarray:
+        last = self._kv_last_scores
+        if last is None or last["scores"].ndim != 3:
+            raise ValueError(f"kvzip needs room for its reconstruction: {self.n_ctx()} cells hold {positions.size} "
+                             f"and leave {max(room, 0)} for it (at least {MIN_RECONSTRUCTION_CHUNK}); use a larger "
+                             "n_ctx")
+        n_layer, n_head_kv = self._kv_engine.n_layer, self._kv_engine.n_head_kv
+        scores = np.full((n_layer, n_head_kv, positions.size), np.finfo(np.float32).max, dtype=np.float32)
+        index = np.searchsorted(last["positions"], positions)
+        found = index < last["positions"].size
+        found[found] = last["positions"][index[found]] == positions[found]
+        scores[:, :, found] = last["scores"][:, :, index[found]]
+        return scores
 
     def _eval_growing(self, tokens: list[int]) -> None:
         """The parent's eval, with input_ids (and scores when logits_all) grown past n_ctx positions."""

@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 from .base import Policy, ScoreInput
+from .kvzip import KVzipPolicy
 from .snapkv import SnapKVPolicy
 from .streaming import StreamingPolicy
 
 POLICIES: dict[str, type[Policy]] = {
+    KVzipPolicy.name: KVzipPolicy,
     SnapKVPolicy.name: SnapKVPolicy,
     StreamingPolicy.name: StreamingPolicy,
 }

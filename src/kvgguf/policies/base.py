@@ -27,6 +27,8 @@ class Policy(ABC):
     scores_per_head: ClassVar[bool] = False
     # True if score() needs ScoreInput.attention (the attention tap over the observation window)
     needs_attention: ClassVar[bool] = False
+    # True if the observers are a reconstruction of the context (KVzip) instead of the prompt's last window
+    observes_reconstruction: ClassVar[bool] = False
     # how the tap reduces the observer queries and the query heads of a KV group ("max" or "mean")
     tap_reduce_rows: ClassVar[str] = "mean"
     tap_reduce_heads: ClassVar[str] = "mean"

@@ -1,0 +1,63 @@
+"""KVzip (Kim et al., 2025): score each cell by how much the model needs it to reconstruct the context.
+
+Query-agnostic: after the context is prefilled, the model is asked, through its chat template, to "Repeat the
+previous context exactly." and the context is teacher-forced after that request, in chunks of about 2K tokens
+(a later chunk's request quotes the last 8 tokens of the chunk before). The score of a context cell is the
+maximum attention any reconstruction query pays it, over the query heads of its KV group. The reconstruction runs
+after the context in the same sequence and its cells are removed afterwards (``Llama`` does the decoding with the
+attention tap, reduce rows = max, heads = max); this module says what to decode.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from .base import Policy, ScoreInput
+
+CHUNK_TOKENS = 2048
+QUOTED_TOKENS = 8
+FIRST_REQUEST = "Repeat the previous context exactly."
+NEXT_REQUEST = "Repeat the part of the previous context exactly, starting with "
+
+
+@dataclass(frozen=True)
+class ReconstructionChunk:
+    """One reconstruction step: the chat-formatted request, then the context tokens forced after it."""
+
+    request: list[int]
+    forced: list[int]
+
+
+class KVzipPolicy(Policy):
+    name = "kvzip"
+    scores_per_head = True
+    needs_attention = True
+    observes_reconstruction = True
+    tap_reduce_rows = "max"
+    tap_reduce_heads = "max"
+
+    def reconstruction(self, context: list[int], chunk_tokens: int, chat_request: Callable[[str], list[int]],
+                       detokenize: Callable[[list[int]], str]) -> list[ReconstructionChunk]:
+        """The requests and forced tokens that reconstruct ``context`` in chunks of at most ``chunk_tokens``.
+
+        ``chat_request(text)`` is the model's chat template around a user message ``text``, ending with the
+        assistant header, as tokens."""
+        if chunk_tokens < 1:
+            raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+        chunks = []
+        for start in range(0, len(context), chunk_tokens):
+            if start == 0:
+                request = chat_request(FIRST_REQUEST)
+            else:
+                quoted = detokenize(context[max(0, start - QUOTED_TOKENS):start])
+                request = chat_request(NEXT_REQUEST + quoted)
+            chunks.append(ReconstructionChunk(request=request, forced=context[start:start + chunk_tokens]))
+        return chunks
+
+    def score(self, inputs: ScoreInput) -> npt.NDArray[np.float32]:
+        if inputs.attention is None:
+            raise ValueError("kvzip needs the reconstruction's attention scores")
+        return inputs.attention
