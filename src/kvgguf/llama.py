@@ -400,8 +400,8 @@ class Llama(llama_cpp.Llama):
         last = self._kv_last_scores
         if last is None or last["scores"].ndim != 3:
             raise ValueError(f"kvzip needs room for its reconstruction: {self.n_ctx()} cells hold {positions.size} "
-                             f"and leave {max(room, 0)} for it (at least {MIN_RECONSTRUCTION_CHUNK}); use a larger "
-                             "n_ctx")
+                             f"and leave {max(room, 0)} for it (at least {MIN_RECONSTRUCTION_CHUNK}); kvzip does not "
+                             "prefill prompts longer than n_ctx yet: use an n_ctx that holds the prompt")
         n_layer, n_head_kv = self._kv_engine.n_layer, self._kv_engine.n_head_kv
         scores = np.full((n_layer, n_head_kv, positions.size), np.finfo(np.float32).max, dtype=np.float32)
         index = np.searchsorted(last["positions"], positions)
