@@ -36,7 +36,7 @@ def llm(model_path: str):
 
 @pytest.fixture(scope="module")
 def formatter(llm: Llama) -> Jinja2ChatFormatter:
-    return accuracy.chat_formatter(llm)
+    return llm.chat_formatter()
 
 
 @pytest.fixture(scope="module")

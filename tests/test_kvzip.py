@@ -23,7 +23,7 @@ def llm(model_path):
 def sample_and_tokens(llm):
     # measured at 2K tokens, keep 0.2, query-agnostic: KVzip kept the needle on seeds 0-2, SnapKV on none
     sample = generate("niah_single", 2048, 0, lambda text: len(llm.tokenize(text.encode(), add_bos=False)))
-    return sample, accuracy.split_prompt(llm, accuracy.chat_formatter(llm), sample)
+    return sample, accuracy.split_prompt(llm, llm.chat_formatter(), sample)
 
 
 @pytest.mark.parametrize("granularity", ["head", "token"])

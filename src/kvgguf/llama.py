@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 from ._native import libllama, llama_cpp, llama_cpp_api
 from .engine import EvictionEngine, KVCacheView, kv_bytes_per_cell
@@ -70,6 +71,7 @@ class Llama(llama_cpp.Llama):
         self._kv_prompt_pending = False
         self._kv_last_scores: dict[str, np.ndarray] | None = None
         self._kv_head_mixed = False  # a per-head compaction since the last reset
+        self._kv_chat_formatter: Jinja2ChatFormatter | None = None
         super().__init__(model_path, *args, **kwargs)
 
         cache = KVCacheView(self._ctx.ctx, SEQ_ID)
@@ -346,17 +348,23 @@ class Llama(llama_cpp.Llama):
         policy = self._kv_policy
         return policy is not None and policy.needs_attention and not policy.observes_reconstruction
 
+    def chat_formatter(self) -> Jinja2ChatFormatter:
+        """The model's own chat template (from the GGUF metadata); ValueError if the file has none."""
+        if self._kv_chat_formatter is None:
+            template = self.metadata.get("tokenizer.chat_template")
+            if template is None:
+                raise ValueError("this GGUF file has no tokenizer.chat_template")
+            self._kv_chat_formatter = Jinja2ChatFormatter(
+                template=template, eos_token=self.detokenize([self.token_eos()]).decode(),
+                bos_token=self.detokenize([self.token_bos()]).decode())
+        return self._kv_chat_formatter
+
     def _chat_request(self, text: str) -> list[int]:
         """``text`` as a user message in the model's chat template, up to the assistant header, as tokens."""
-        template = self.metadata.get("tokenizer.chat_template")
-        if template is None:
-            prompt = f"\n\n{text}\n\n"
+        if "tokenizer.chat_template" in self.metadata:
+            prompt = self.chat_formatter()(messages=[{"role": "user", "content": text}]).prompt
         else:
-            from llama_cpp.llama_chat_format import Jinja2ChatFormatter
-
-            formatter = Jinja2ChatFormatter(template=template, eos_token=self.detokenize([self.token_eos()]).decode(),
-                                            bos_token=self.detokenize([self.token_bos()]).decode())
-            prompt = formatter(messages=[{"role": "user", "content": text}]).prompt
+            prompt = f"\n\n{text}\n\n"
         return self.tokenize(prompt.encode(), add_bos=False, special=True)
 
     def _reconstruction_attention(self, positions: np.ndarray) -> np.ndarray:
@@ -382,8 +390,7 @@ class Llama(llama_cpp.Llama):
         attention = np.zeros((n_layer, n_head_kv, n_cells), dtype=np.float32)
         for chunk in chunks:
             p0 = n_done + len(chunk.request)
-            self._kv_tap.start(SEQ_ID, p0, p0 + len(chunk.forced), policy.tap_reduce_rows, policy.tap_reduce_heads)
-            self._kv_tap_running = True
+            self._start_tap(p0, p0 + len(chunk.forced))
             self._eval_growing(chunk.request + chunk.forced)
             np.maximum(attention, self._kv_tap.scores(SEQ_ID)[:, :, :n_cells], out=attention)
             self._stop_tap()

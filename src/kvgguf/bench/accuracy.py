@@ -37,13 +37,6 @@ class PromptTokens:
     question: list[int]   # question + assistant header: decoded after the compression
 
 
-def chat_formatter(llm: Llama) -> Jinja2ChatFormatter:
-    """The model's own chat template (from the GGUF metadata)."""
-    return Jinja2ChatFormatter(template=llm.metadata["tokenizer.chat_template"],
-                               eos_token=llm.detokenize([llm.token_eos()]).decode(),
-                               bos_token=llm.detokenize([llm.token_bos()]).decode())
-
-
 def split_prompt(llm: Llama, formatter: Jinja2ChatFormatter, sample: Sample) -> PromptTokens:
     """The chat-formatted prompt, tokenized in two parts at the end of the context."""
     prompt = formatter(messages=[{"role": "user", "content": sample.prompt()}]).prompt
@@ -90,7 +83,7 @@ def shared_prefix(llm: Llama, tokens: PromptTokens, window: int) -> tuple[int, K
 
 def prepare(llm: Llama, tasks: list[str], lengths: list[int], samples: int) -> list[tuple[Sample, PromptTokens]]:
     """Every (task, length, seed) sample with its chat-formatted tokens: the same for every configuration."""
-    formatter = chat_formatter(llm)
+    formatter = llm.chat_formatter()
     count = lambda text: len(llm.tokenize(text.encode(), add_bos=False))  # noqa: E731
     jobs = []
     for task, length, seed in itertools.product(tasks, lengths, range(samples)):

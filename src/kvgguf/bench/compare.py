@@ -35,11 +35,11 @@ from .._native import llama_cpp_api
 from ..llama import Llama
 from ..policies import POLICIES
 from ..settings import DEFAULT_SINK
+from .accuracy import SETTINGS
 from .tasks import Sample, score
 
 logger = logging.getLogger(__name__)
 
-SETTINGS = ("query-aware", "query-agnostic")
 SNAPKV_KERNEL = 7                       # our SnapKV's max-pool kernel; kvpress's default is 5
 POSITIONAL_METHODS = frozenset({"streaming"})   # scores are positions: nothing to correlate
 SCORES_RATIO = 0.5                      # a compression ratio > 0, so that the press computes scores at all

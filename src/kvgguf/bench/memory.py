@@ -84,12 +84,12 @@ def measure_in_child(config: dict[str, Any]) -> dict[str, Any]:
 def prepare(model: str, n_prompt: int, seed: int) -> tuple[dict[str, list[int]], dict[str, Any]]:
     """The task's prompt tokens and its sample (made here, once, so every configuration answers the same)."""
     from ..llama import Llama
-    from .accuracy import chat_formatter, split_prompt
+    from .accuracy import split_prompt
     from .tasks import generate
 
     llm = Llama(model, n_ctx=64, verbose=False)
     sample = generate(TASK, n_prompt, seed, lambda text: len(llm.tokenize(text.encode(), add_bos=False)))
-    tokens = split_prompt(llm, chat_formatter(llm), sample)
+    tokens = split_prompt(llm, llm.chat_formatter(), sample)
     llm.close()
     return {"context": tokens.context, "question": tokens.question}, dataclasses.asdict(sample)
 
