@@ -201,14 +201,25 @@ def test_prefill_continues_a_restored_prefix_and_evicts_over_all_of_it(model_pat
     # the observers were the last window: the protected tail is there, the positions never renumbered
     positions = llm.kv_positions()
     assert positions[-32:].tolist() == list(range(len(tokens) - 32, len(tokens)))
-    # token-level compression can be snapshot and restored; per-head compression is refused, naming why
+    # token-level compression can be snapshot and restored ...
     compressed = llm.kv_snapshot()
+    assert compressed.head_positions is None
     llm.kv_restore(compressed)
     assert np.array_equal(llm.kv_positions(), positions)
+    # ... and so can per-head compression: llama.cpp's state keeps the rows, the snapshot which token each
+    # (layer, head, cell) holds
     llm.configure_kv_eviction("snapkv", kv_keep=0.5)
     llm.prefill(tokens)
-    with pytest.raises(ValueError, match="compressed per KV head"):
-        llm.kv_snapshot()
+    per_head = llm.kv_snapshot()
+    layout = per_head.head_positions
+    assert layout is not None and layout.shape == (30, 3, llm.kv_stats()["cells_now"])
+    assert not (layout == layout[:1, :1]).all()  # the heads kept different tokens
+    assert np.array_equal(layout.max(axis=(0, 1)), llm.kv_positions())  # a cell is at its largest token's position
+    reference = next_logits(llm, 42)
+    llm.prefill(tokens[:50])
+    llm.kv_restore(per_head)
+    assert np.array_equal(llm.kv_snapshot().head_positions, layout)
+    assert np.array_equal(next_logits(llm, 42), reference)
     llm.close()
 
 
@@ -221,7 +232,7 @@ def test_restore_rejects_what_does_not_fit(model_path):
     assert snapshot.tokens.size > 256
     with pytest.raises(ValueError, match="does not fit"):
         small.kv_restore(snapshot)
-    with pytest.raises(ValueError, match="takes a KVSnapshot"):
+    with pytest.raises(ValueError, match="takes a KVSnapshot or a CompressedContext"):
         small.kv_restore(b"not a snapshot")
     # still usable
     out = small.create_completion("The capital of France is", max_tokens=4, temperature=0)

@@ -106,6 +106,33 @@ class EvictionEngine:
         self.n_layer = n_layer
         self.n_head_kv = n_head_kv
         self.stats = KVStats(bytes_per_cell=bytes_per_cell)
+        # after a head-granular eviction: [n_layer, n_head_kv, n] positions of the tokens that the first n cells
+        # hold per KV head (cells after them hold their own position in every head); None while token-level
+        self._head_layout: npt.NDArray[np.int32] | None = None
+
+    def head_positions(self, positions: npt.NDArray[np.int32]) -> npt.NDArray[np.int32] | None:
+        """The position each (layer, KV head, cell) holds, for the cells at ``positions``; None when every
+        head of a cell holds the cell's own position (no head-granular eviction since ``forget_layout``)."""
+        layout = self._head_layout
+        if layout is None:
+            return None
+        n_mixed = layout.shape[2]
+        if positions.size < n_mixed:
+            raise RuntimeError(f"the cache holds {positions.size} cells, fewer than the {n_mixed} head-mixed ones")
+        full = np.empty((self.n_layer, self.n_head_kv, positions.size), dtype=np.int32)
+        full[:, :, :n_mixed] = layout
+        full[:, :, n_mixed:] = positions[n_mixed:]
+        return full
+
+    def set_head_layout(self, layout: npt.NDArray[np.int32] | None) -> None:
+        """Say which tokens the first cells hold per head (after restoring a head-mixed cache); None: none."""
+        if layout is not None and (layout.ndim != 3 or layout.shape[:2] != (self.n_layer, self.n_head_kv)):
+            raise ValueError(f"head layout has shape {layout.shape}, expected ({self.n_layer}, {self.n_head_kv}, n)")
+        self._head_layout = None if layout is None else np.ascontiguousarray(layout, dtype=np.int32)
+
+    def forget_layout(self) -> None:
+        """The cache was cleared."""
+        self._head_layout = None
 
     def evict(self, positions: npt.NDArray[np.int32], scores: npt.NDArray[np.float32], n_keep: int,
               protect: npt.NDArray[np.bool_], score_s: float = 0.0) -> int:
@@ -126,12 +153,17 @@ class EvictionEngine:
             raise ValueError(f"per-cell scores have shape {scores.shape}, expected ({n_cells},)")
 
         attended_before = self.cache.n_attended()
+        layout_before = self.head_positions(positions)
         t0 = time.perf_counter()
         keep_idx = select_topk(scores, n_keep, protect)
         if head_granular:
             t1 = time.perf_counter()
             freed = self.cache.compact(positions[keep_idx])
+            full = layout_before if layout_before is not None else np.broadcast_to(positions, scores.shape)
+            self._head_layout = np.take_along_axis(full, keep_idx.astype(np.intp), axis=2).astype(np.int32)
         else:
+            if layout_before is not None:
+                self._head_layout = np.ascontiguousarray(layout_before[:, :, np.sort(keep_idx)])
             removed = np.ones(n_cells, dtype=bool)
             removed[keep_idx] = False
             freed = self.cache.remove(positions[removed])

@@ -8,6 +8,7 @@ reused as a token prefix by a later call.
 from __future__ import annotations
 
 import ctypes
+import os
 import time
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ import numpy as np
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 from ._native import libllama, llama_cpp, llama_cpp_api
+from .context import ChatLayout, CompressedContext, ContextFileError, ModelIdentity, file_fingerprint, read_context_file
 from .engine import EvictionEngine, KVCacheView, kv_bytes_per_cell
 from .models import check_gguf_file
 from .policies import Policy, ScoreInput
@@ -29,6 +31,11 @@ from .tap import AttentionTap
 SEQ_ID = 0  # llama_cpp.Llama decodes everything into sequence 0
 POS_END = 2**31 - 1  # an open end for the tap's position range
 MIN_RECONSTRUCTION_CHUNK = 64  # fewer free cells than this: KVzip falls back to its last scores
+CONTEXT_MARK = "\x00kvgguf-context\x00"  # where a compressed context goes when its chat is formatted
+
+
+def _starts_with(tokens: Sequence[int], prefix: np.ndarray) -> bool:
+    return len(tokens) > prefix.size and np.array_equal(np.asarray(tokens[:prefix.size]), prefix)
 
 
 @dataclass(frozen=True)
@@ -38,6 +45,7 @@ class KVSnapshot:
 
     data: bytes
     tokens: np.ndarray
+    head_positions: np.ndarray | None = None  # [n_layer, n_head_kv, n] tokens of the head-mixed cells per head
 
 
 class Llama(llama_cpp.Llama):
@@ -72,6 +80,11 @@ class Llama(llama_cpp.Llama):
         self._kv_last_scores: dict[str, np.ndarray] | None = None
         self._kv_head_mixed = False  # a per-head compaction since the last reset
         self._kv_chat_formatter: Jinja2ChatFormatter | None = None
+        self._kv_context_chat_handler: Any = None
+        self._kv_identity: ModelIdentity | None = None
+        self._kv_lossy = False  # the cache is not a copy of input_ids (eviction, or a compressed context)
+        self._kv_context_in_use = False  # positions may exceed n_ctx: a compressed context was restored
+        self._kv_pending_context: CompressedContext | None = None  # the next generate() starts from it
         super().__init__(model_path, *args, **kwargs)
 
         cache = KVCacheView(self._ctx.ctx, SEQ_ID)
@@ -136,7 +149,8 @@ class Llama(llama_cpp.Llama):
     @property
     def _n_ctx(self) -> int:
         n_ctx_cells = self.__dict__["_kv_n_ctx_cells"]
-        if self.__dict__.get("_kv_policy") is None:
+        if (self.__dict__.get("_kv_policy") is None and not self.__dict__.get("_kv_context_in_use")
+                and self.__dict__.get("_kv_pending_context") is None):
             return n_ctx_cells
         return max(n_ctx_cells, self._model.n_ctx_train())
 
@@ -172,6 +186,10 @@ class Llama(llama_cpp.Llama):
         super().reset()
         self._stop_tap()
         self._kv_head_mixed = False
+        self._kv_lossy = False
+        self._kv_context_in_use = False
+        if "_kv_engine" in self.__dict__:
+            self._kv_engine.forget_layout()
 
     # --- attention tap ---
 
@@ -195,11 +213,15 @@ class Llama(llama_cpp.Llama):
 
     def generate(self, tokens: Sequence[int], *args: Any, reset: bool = True,
                  **kwargs: Any) -> Generator[int, Sequence[int] | None, None]:
-        if self._kv_policy is None:
-            return (yield from super().generate(tokens, *args, reset=reset, **kwargs))
-        if reset:
+        context, self._kv_pending_context = self._kv_pending_context, None
+        if context is not None and reset and _starts_with(tokens, context.tokens):
+            # answering from a compressed context: its cache, then only the tokens after it
+            self._restore_context(context)
+            return (yield from super().generate(list(tokens)[context.n_tokens:], *args, reset=False, **kwargs))
+        if reset and (self._kv_policy is not None or self._kv_lossy):
             # a lossy cache is not a prefix of anything: start over instead of the parent's prefix matching
             self.reset()
+        if reset and self._kv_policy is not None:
             self._kv_prompt_pending = True
         return (yield from super().generate(tokens, *args, reset=reset, **kwargs))
 
@@ -214,13 +236,9 @@ class Llama(llama_cpp.Llama):
         self.eval(tokens)
 
     def kv_snapshot(self) -> KVSnapshot:
-        """A copy of what the model's sequence holds: llama.cpp's sequence state and the tokens decoded so far.
-
-        Snapshots of a cache compressed per KV head are refused: llama.cpp's state format does not record which
-        cells hold tokens of different positions per head."""
-        if self._kv_head_mixed:
-            raise ValueError("kv_snapshot() of a cache compressed per KV head is not supported; snapshot before "
-                             "the eviction or use kv_granularity='token'")
+        """A copy of what the model's sequence holds: llama.cpp's sequence state, the tokens decoded so far, and
+        after a per-head eviction which token each (layer, KV head, cell) holds (llama.cpp's state format keeps
+        one position per cell: the largest of its tokens')."""
         ctx = self._ctx.ctx
         self._ctx.kv_cache_seq_rm(SEQ_ID, self.n_tokens, -1)  # cells past n_tokens are stale (after reset())
         size = llama_cpp_api.llama_state_seq_get_size(ctx, SEQ_ID)
@@ -228,13 +246,19 @@ class Llama(llama_cpp.Llama):
         written = llama_cpp_api.llama_state_seq_get_data(ctx, buffer, size, SEQ_ID)
         if written == 0 and size > 0:
             raise RuntimeError("llama_state_seq_get_data copied nothing")
-        return KVSnapshot(data=bytes(buffer[:written]), tokens=self.input_ids[:self.n_tokens].copy())
+        layout = self._kv_engine.head_positions(self._kv_engine.cache.positions())
+        return KVSnapshot(data=bytes(buffer[:written]), tokens=self.input_ids[:self.n_tokens].copy(),
+                          head_positions=layout)
 
-    def kv_restore(self, snapshot: KVSnapshot) -> None:
+    def kv_restore(self, snapshot: KVSnapshot | CompressedContext) -> None:
         """Replace what the model's sequence holds by ``snapshot`` (taken from this model with the same context
-        parameters); the next ``prefill(..., reset=False)`` or ``generate(..., reset=False)`` continues it."""
+        parameters) or by a compressed context; the next ``prefill(..., reset=False)`` or
+        ``generate(..., reset=False)`` continues it."""
+        if isinstance(snapshot, CompressedContext):
+            self._check_context(snapshot)
+            return self._restore_context(snapshot)
         if not isinstance(snapshot, KVSnapshot):
-            raise ValueError(f"kv_restore() takes a KVSnapshot, got {type(snapshot).__name__}")
+            raise ValueError(f"kv_restore() takes a KVSnapshot or a CompressedContext, got {type(snapshot).__name__}")
         self.reset()
         self._ctx.kv_cache_seq_rm(SEQ_ID, -1, -1)
         if snapshot.data:
@@ -246,11 +270,205 @@ class Llama(llama_cpp.Llama):
             self.input_ids = np.zeros(n_tokens, dtype=self.input_ids.dtype)
         self.input_ids[:n_tokens] = snapshot.tokens
         self.n_tokens = n_tokens
+        self._kv_engine.set_head_layout(snapshot.head_positions)
+        self._kv_head_mixed = snapshot.head_positions is not None
+        self._kv_lossy = self._kv_engine.cache.n_cells() < n_tokens or self._kv_head_mixed
+        return None
+
+    # --- compressed contexts -----------------------------------------------------------------------------------
+
+    def compress(self, context: str | Sequence[int], keep: float | None = None, budget: int | None = None,
+                 system: str | None = None, policy: str | None = None,
+                 granularity: str | None = None) -> CompressedContext:
+        """Prefill ``context`` and compress its cache before any question is known; returns a
+        ``CompressedContext`` that ``ask`` and ``create_chat_completion(..., context=...)`` answer from.
+
+        ``context`` as text becomes the start of a user turn of the model's chat template (after a system turn
+        with ``system``, if given); questions continue that turn. As token ids it is used as given, and questions
+        are appended as raw tokens. The policy, keep/budget and granularity default to this ``Llama``'s settings
+        (kvzip, keep 0.5 when it has none); the template's tokens before the context are never evicted. The cache
+        holds the compressed context afterwards, but the next call without ``context=`` starts over."""
+        tokens, chat, n_protected = self._context_tokens(context, system)
+        base = self._kv_settings
+        name = policy if policy is not None else (base.policy_name if base is not None else "kvzip")
+        same_policy = base is not None and base.policy_name == name
+        if keep is None and budget is None and same_policy:
+            keep, budget = base.keep, base.budget
+        if granularity is None and same_policy:
+            granularity = base.granularity
+        window = base.window if base is not None else DEFAULT_WINDOW
+        sink = max(base.sink if base is not None else DEFAULT_SINK, n_protected)
+        settings = validate_settings(name, keep, budget, window, sink, granularity)
+        self._check_supported(settings)
+        self._stop_tap()
+        previous = self._kv_settings, self._kv_policy, self._kv_last_scores
+        self._kv_settings, self._kv_policy, self._kv_last_scores = settings, settings.policy(), None
+        try:
+            self.prefill(tokens)
+            snapshot = self.kv_snapshot()
+            positions = self.kv_positions().copy()
+            scores = self._kv_last_scores
+        finally:
+            self._stop_tap()
+            self._kv_settings, self._kv_policy, self._kv_last_scores = previous
+            self._kv_prompt_pending = False
+            self.reset()
+        return CompressedContext(
+            state=snapshot.data, tokens=snapshot.tokens.astype(np.int32), positions=positions,
+            head_positions=snapshot.head_positions,
+            score_positions=None if scores is None else scores["positions"],
+            scores=None if scores is None else scores["scores"], model=self.model_identity(), policy=name,
+            granularity=settings.granularity, keep=settings.keep, budget=settings.budget, n_protected=n_protected,
+            chat=chat)
+
+    def ask(self, context: CompressedContext, question: str | Sequence[int], **kwargs: Any) -> str:
+        """Answer ``question`` from a compressed context and return the answer's text. ``kwargs`` are
+        ``create_chat_completion``'s (``create_completion``'s for a context given as tokens), e.g. max_tokens,
+        temperature. Every call starts from the context's cache: nothing of an earlier question remains."""
+        self._check_context(context)
+        if kwargs.get("stream"):
+            raise ValueError("ask() returns the whole answer; for stream=True use "
+                             "create_chat_completion(messages, context=..., stream=True)")
+        if context.chat is not None:
+            if not isinstance(question, str):
+                raise ValueError("this context continues a chat turn: ask() takes the question as text")
+            response = self.create_chat_completion([{"role": "user", "content": question}], context=context,
+                                                   **kwargs)
+            return response["choices"][0]["message"]["content"] or ""
+        if isinstance(question, str):
+            question_tokens = self.tokenize(question.encode(), add_bos=False, special=True)
+        else:
+            question_tokens = self._checked_tokens(question, "question")
+        if not question_tokens:
+            raise ValueError("the question is empty")
+        self._kv_pending_context = context
+        completion = self.create_completion(context.tokens.tolist() + question_tokens, **kwargs)
+        return completion["choices"][0]["text"]
+
+    def create_chat_completion(self, messages: list[dict[str, Any]], *args: Any,
+                               context: CompressedContext | None = None, **kwargs: Any) -> Any:
+        """llama_cpp.Llama.create_chat_completion; with ``context=`` (from ``compress`` or ``load_context``) the
+        first user message is asked about the compressed context (it continues the context's user turn) and
+        the answer starts from the context's cache, formatted with the model's own chat template."""
+        if context is None:
+            return super().create_chat_completion(messages, *args, **kwargs)
+        self._check_context(context)
+        if args:
+            raise ValueError("with context=, pass create_chat_completion's options by name")
+        if context.chat is None:
+            raise ValueError("this context was compressed from token ids; use ask(), or compress the text")
+        for option in ("functions", "function_call", "tools", "tool_choice"):
+            if kwargs.get(option) is not None:
+                raise ValueError(f"{option}= is not supported with context=")
+        if not messages or not isinstance(messages[0], dict) or messages[0].get("role") != "user":
+            raise ValueError("with context=, the first message must be the user's question (the system prompt "
+                             "is part of the compressed context: compress(..., system=...))")
+        question = messages[0].get("content")
+        if not isinstance(question, str) or not question:
+            raise ValueError(f"the first message's content must be a non-empty string, got {question!r}")
+        system = [] if context.chat.system is None else [{"role": "system", "content": context.chat.system}]
+        joined = system + [{**messages[0], "content": CONTEXT_MARK + context.chat.separator + question}]
+        joined += list(messages[1:])
+        prompt = self.chat_formatter()(messages=joined).prompt
+        if not prompt.startswith(context.chat.template_head + CONTEXT_MARK):
+            raise ValueError("the chat template puts these messages somewhere else than the compressed context "
+                             "(a system message? give it to compress(system=...))")
+        if self._kv_context_chat_handler is None:
+            self._kv_context_chat_handler = self.chat_formatter().to_chat_handler()
+        # the handler tokenizes the formatted prompt; tokenize() hands back the context's own tokens for it
+        self._kv_pending_context = context
+        return self._kv_context_chat_handler(llama=self, messages=joined, **kwargs)
+
+    def tokenize(self, text: bytes, add_bos: bool = True, special: bool = False) -> list[int]:
+        context = self.__dict__.get("_kv_pending_context")
+        if context is not None and context.chat is not None:
+            head = (context.chat.template_head + CONTEXT_MARK).encode()
+            if text.startswith(head):
+                rest = super().tokenize(text[len(head):], add_bos=False, special=special)
+                return context.tokens.tolist() + rest
+        return super().tokenize(text, add_bos=add_bos, special=special)
+
+    def load_context(self, path: str | os.PathLike[str]) -> CompressedContext:
+        """Read a context written by ``CompressedContext.save``. ContextFileError (a ValueError) for a file that
+        is not one, is truncated or corrupted, or was made with another model or KV cache type."""
+        context = read_context_file(path)
+        self._check_context(context)
+        return context
+
+    def model_identity(self) -> ModelIdentity:
+        """What a compressed context made with this model depends on (see ``kvgguf.context.ModelIdentity``)."""
+        if self._kv_identity is None:
+            self._kv_identity = ModelIdentity(
+                fingerprint=file_fingerprint(self.model_path), name=str(self.metadata.get("general.name", "")),
+                architecture=str(self.metadata.get("general.architecture", "")), n_layer=self._kv_engine.n_layer,
+                n_head_kv=self._kv_engine.n_head_kv, n_embd=self.n_embd(), n_vocab=self.n_vocab(),
+                type_k=int(self.context_params.type_k), type_v=int(self.context_params.type_v))
+        return self._kv_identity
+
+    def _check_context(self, context: CompressedContext) -> None:
+        if not isinstance(context, CompressedContext):
+            raise ValueError(f"expected a CompressedContext (from compress() or load_context()), got "
+                             f"{type(context).__name__}")
+        mismatch = self.model_identity().mismatch(context.model)
+        if mismatch is not None:
+            raise ContextFileError(f"the compressed context does not fit this model: {mismatch}")
+        if context.n_cells + 1 > self.n_ctx():
+            raise ValueError(f"the compressed context holds {context.n_cells} cells; this Llama's n_ctx="
+                             f"{self.n_ctx()} leaves no room to answer: use n_ctx > {context.n_cells}")
+
+    def _restore_context(self, context: CompressedContext) -> None:
+        self.kv_restore(KVSnapshot(data=context.state, tokens=context.tokens, head_positions=context.head_positions))
+        if not np.array_equal(self.kv_positions(), context.positions):
+            raise ContextFileError("the restored cache does not hold the positions the context file lists")
+        self._kv_context_in_use = True
+        self._kv_lossy = True
+        if context.scores is not None and self._kv_policy is not None and self._kv_policy.name == context.policy:
+            # decode-time evictions of kvzip fall back to these (no room for a reconstruction)
+            self._kv_last_scores = {"positions": context.score_positions, "scores": context.scores}
+
+    def _context_tokens(self, context: str | Sequence[int],
+                        system: str | None) -> tuple[list[int], ChatLayout | None, int]:
+        """The tokens to compress, how questions join them, and how many template tokens lead them."""
+        if isinstance(context, str):
+            if not context:
+                raise ValueError("the context is empty")
+            if system is not None and not isinstance(system, str):
+                raise ValueError(f"system must be a string, got {type(system).__name__}")
+            if "tokenizer.chat_template" not in self.metadata:
+                if system is not None:
+                    raise ValueError("system= needs a chat template; this GGUF file has none")
+                return self.tokenize(context.encode(), add_bos=True, special=False), None, 0
+            messages = [] if system is None else [{"role": "system", "content": system}]
+            prompt = self.chat_formatter()(messages=messages + [{"role": "user", "content": CONTEXT_MARK}]).prompt
+            chat = ChatLayout(template_head=prompt[:prompt.index(CONTEXT_MARK)], separator="\n\n", system=system)
+            head = self.tokenize(chat.template_head.encode(), add_bos=False, special=True)
+            body = self.tokenize(context.encode(), add_bos=False, special=False)
+            return head + body, chat, len(head)
+        if system is not None:
+            raise ValueError("system= needs the context as text (token ids are used as given)")
+        tokens = self._checked_tokens(context, "context")
+        if not tokens:
+            raise ValueError("the context is empty")
+        return tokens, None, 0
+
+    def _checked_tokens(self, tokens: Sequence[int], what: str) -> list[int]:
+        try:
+            ids = [int(t) for t in tokens]
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"the {what} must be text or a sequence of token ids: {err}") from err
+        bad = [t for t in ids if not 0 <= t < self.n_vocab()]
+        if bad:
+            raise ValueError(f"the {what} has token ids outside [0, {self.n_vocab()}): {bad[:5]}")
+        return ids
 
     def eval(self, tokens: Sequence[int]) -> None:
-        if self._kv_policy is None:
-            return super().eval(tokens)
         tokens = list(tokens)
+        if self._kv_policy is None:
+            n_cells = self._kv_engine.cache.n_cells() if self._kv_lossy else self.n_tokens
+            if n_cells + len(tokens) > self.n_ctx():
+                raise ValueError(f"the cache is full: {n_cells} cells + {len(tokens)} new tokens exceed "
+                                 f"n_ctx={self.n_ctx()}; use a larger n_ctx, or kv_eviction= to evict while decoding")
+            return self._eval_growing(tokens)
         if self._kv_prompt_pending:
             self._kv_prompt_pending = False
             self._prefill_with_eviction(tokens)
@@ -341,6 +559,7 @@ class Llama(llama_cpp.Llama):
         protect[-1] = True
         self._stop_tap()  # the scores follow cell indices, which the eviction changes
         self._kv_engine.evict(positions, scores, n_keep, protect, score_s=score_s)
+        self._kv_lossy = True
         self._kv_head_mixed = self._kv_head_mixed or scores.ndim == 3
 
     def _observes_window(self) -> bool:
@@ -355,9 +574,12 @@ class Llama(llama_cpp.Llama):
             if template is None:
                 raise ValueError("this GGUF file has no tokenizer.chat_template")
             self._kv_chat_formatter = Jinja2ChatFormatter(
-                template=template, eos_token=self.detokenize([self.token_eos()]).decode(),
-                bos_token=self.detokenize([self.token_bos()]).decode())
+                template=template, eos_token=self._token_text(self.token_eos()),
+                bos_token=self._token_text(self.token_bos()))
         return self._kv_chat_formatter
+
+    def _token_text(self, token: int) -> str:
+        return self._model.token_get_text(token) if token != -1 else ""
 
     def _chat_request(self, text: str) -> list[int]:
         """``text`` as a user message in the model's chat template, up to the assistant header, as tokens."""

@@ -1,0 +1,155 @@
+"""Compress once, ask many: a context compressed by KVzip before any question is known answers three different
+questions, from memory and from a file; bad files and bad values are refused and leave the model usable."""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from kvgguf import CompressedContext, ContextFileError, Llama
+from kvgguf.settings import DEFAULT_SINK, validate_settings
+from kvgguf.text import filler_sentences
+
+KEEP = 0.2
+FACTS = {  # sentence placed in the filler -> (question, the answer's key word)
+    "The special magic number for Lisbon is 7315.": ("What is the special magic number for Lisbon?", "7315"),
+    "Mira's favourite fruit is the mango.": ("What is Mira's favourite fruit?", "mango"),
+    "The blue car belongs to Doctor Okafor.": ("Who does the blue car belong to?", "okafor"),
+}
+GREEDY = dict(max_tokens=24, temperature=0.0, top_k=1, repeat_penalty=1.0)
+
+
+def document() -> str:
+    """~2.2K tokens of filler with the three facts at 14%, 50% and 82% of it."""
+    sentences = filler_sentences(110, seed=3)
+    for index, fact in zip((15, 55, 90), FACTS):
+        sentences.insert(index, fact)
+    return " ".join(sentences)
+
+
+@pytest.fixture(scope="module")
+def llm(model_path):
+    model = Llama(model_path, n_ctx=4096, n_batch=512, n_threads=2, verbose=False)
+    yield model
+    model.close()
+
+
+@pytest.fixture(scope="module")
+def context(llm) -> CompressedContext:
+    return llm.compress(document(), keep=KEEP)   # kvzip, per KV head: no question exists yet
+
+
+def test_three_questions_from_one_compressed_context(llm, context):
+    assert context.policy == "kvzip" and context.granularity == "head"
+    assert context.n_tokens > 2000
+    # the cells are gone, not masked: the cache held the budget after compression
+    settings = validate_settings("kvzip", KEEP, kv_sink=max(DEFAULT_SINK, context.n_protected))
+    assert context.n_cells == settings.target_cells(context.n_tokens)
+    assert context.kept_ratio < KEEP + 0.03
+    assert context.head_positions is not None and context.head_positions.shape == (30, 3, context.n_cells)
+    assert context.scores is not None and context.scores.shape == (30, 3, context.n_tokens)
+    answers = {}
+    for question, key in FACTS.values():
+        answers[question] = llm.ask(context, question, **GREEDY)
+        assert key in answers[question].lower(), (question, answers[question])
+        # the cache holds the kept context cells, then this question and answer only
+        positions = llm.kv_positions()
+        assert (positions < context.n_tokens).sum() == context.n_cells
+        assert positions[context.n_cells:].tolist() == list(range(context.n_tokens, llm.n_tokens))
+    # asked again after the others: the same answer (nothing of the other questions leaked into the cache)
+    first = next(iter(FACTS.values()))[0]
+    assert llm.ask(context, first, **GREEDY) == answers[first]
+    # the chat API, streamed, gives the same answer
+    chunks = llm.create_chat_completion([{"role": "user", "content": first}], context=context, stream=True,
+                                        **GREEDY)
+    streamed = "".join(chunk["choices"][0]["delta"].get("content") or "" for chunk in chunks)
+    assert streamed == answers[first]
+
+
+def test_save_load_gives_the_same_answers_and_identical_logits(llm, context, tmp_path):
+    path = context.save(tmp_path / "doc.kvc")
+    loaded = llm.load_context(path)
+    assert loaded.n_cells == context.n_cells and np.array_equal(loaded.head_positions, context.head_positions)
+    assert np.array_equal(loaded.scores, context.scores) and loaded.chat == context.chat
+    question = list(FACTS.values())[1][0]
+    assert llm.ask(loaded, question, **GREEDY) == llm.ask(context, question, **GREEDY)
+    probe = llm.tokenize(b"\n\nThe answer is", add_bos=False)
+    logits = []
+    for ctx in (context, loaded):
+        llm.kv_restore(ctx)
+        llm.eval(probe)
+        logits.append(np.array(llm.eval_logits[-1]))
+    assert np.array_equal(logits[0], logits[1])
+    # a fresh Llama (another process would do the same) loads it and answers alike
+    other = Llama(llm.model_path, n_ctx=1024, n_batch=512, n_threads=2, verbose=False)
+    try:
+        assert other.ask(other.load_context(path), question, **GREEDY) == llm.ask(context, question, **GREEDY)
+    finally:
+        other.close()
+
+
+def test_bad_files_are_refused_and_the_model_stays_usable(llm, context, tmp_path):
+    path = context.save(tmp_path / "good.kvc")
+    data = path.read_bytes()
+    bad = {
+        "not ours": (b"GGUF" + bytes(100), "not a kvgguf context file"),
+        "truncated": (data[:-1000], "truncated"),
+        "corrupted": (data[:-500] + bytes([data[-500] ^ 0xFF]) + data[-499:], "corrupted"),
+        "empty": (b"", "not a kvgguf context file"),
+        "newer version": (data[:8] + (99).to_bytes(4, "little") + data[12:], "version 99"),
+    }
+    for name, (content, message) in bad.items():
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(ContextFileError, match=message):
+            llm.load_context(tmp_path / name)
+    with pytest.raises(ContextFileError, match="cannot read"):
+        llm.load_context(tmp_path / "missing.kvc")
+    # a context of another model file
+    other_model = dataclasses.replace(context.model, fingerprint="0" * 64, name="Other-Model")
+    dataclasses.replace(context, model=other_model).save(tmp_path / "other.kvc")
+    with pytest.raises(ContextFileError, match="model file differs.*Other-Model"):
+        llm.load_context(tmp_path / "other.kvc")
+    with pytest.raises(ValueError, match="model file differs"):
+        llm.ask(dataclasses.replace(context, model=other_model), "What?")
+    # a Llama whose cache is too small for it
+    small = Llama(llm.model_path, n_ctx=256, n_threads=2, verbose=False)
+    try:
+        with pytest.raises(ValueError, match=f"holds {context.n_cells} cells"):
+            small.load_context(path)
+    finally:
+        small.close()
+    question, key = list(FACTS.values())[2]
+    assert key in llm.ask(llm.load_context(path), question, **GREEDY).lower()
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (dict(keep=0.0), "kv_keep must be in \\(0, 1\\].*0.0"),
+    (dict(keep=1.5), "kv_keep must be in \\(0, 1\\].*1.5"),
+    (dict(keep="half"), "kv_keep must be a number.*'half'"),
+    (dict(budget=-3), "kv_budget must be >= 1.*-3"),
+    (dict(keep=0.5, budget=100), "not both"),
+    (dict(policy="zip"), "unknown kv_eviction policy 'zip'"),
+    (dict(granularity="layer"), "kv_granularity must be one of.*'layer'"),
+    (dict(system=7), "system must be a string"),
+])
+def test_bad_compress_arguments_are_refused(llm, context, arguments, message):
+    with pytest.raises(ValueError, match=message):
+        llm.compress("A short text.", **arguments)
+    with pytest.raises(ValueError, match="outside"):
+        llm.compress([1, 2, llm.n_vocab() + 5])
+    with pytest.raises(ValueError, match="empty"):
+        llm.compress("")
+
+
+def test_system_prompt_and_template_are_kept_in_every_head(llm):
+    text = " ".join(filler_sentences(20, seed=4)) + " The gate code is 4471."
+    small = llm.compress(text, keep=0.2, system="You answer in one short sentence.")
+    assert small.chat.system == "You answer in one short sentence."
+    assert small.n_protected > 10
+    protected = np.arange(small.n_protected)
+    assert (small.head_positions[:, :, :small.n_protected] == protected).all()
+    assert "4471" in llm.ask(small, "What is the gate code?", **GREEDY)
+    with pytest.raises(ValueError, match="system prompt is part of the compressed context"):
+        llm.create_chat_completion([{"role": "system", "content": "x"}, {"role": "user", "content": "q"}],
+                                   context=small)
