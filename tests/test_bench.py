@@ -24,11 +24,11 @@ def test_bench_speed_writes_json_markdown_and_png(tmp_path, model_path):
     schema.check("speed", results)
     rows = {(row["length"], row["config"]): row for row in results["rows"]}
     assert set(rows) == {(length, config) for length in (300, 600)
-                         for config in ("off", "snapkv", "streaming", "fresh")}
+                         for config in ("off", "snapkv", "streaming", "kvzip", "fresh")}
     for length in (300, 600):
         budget = length // 2
         # the policies compressed to the budget (+ the decoded tokens), the full cache kept everything
-        for policy in ("snapkv", "streaming"):
+        for policy in ("snapkv", "streaming", "kvzip"):
             assert rows[(length, policy)]["cells_before"] == length
             assert rows[(length, policy)]["cells_after"] == budget
             assert rows[(length, policy)]["cells"] == budget + 2

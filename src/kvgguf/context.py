@@ -96,8 +96,8 @@ class CompressedContext:
     tokens: npt.NDArray[np.int32]                  # the context's token ids, one per position
     positions: npt.NDArray[np.int32]               # [n_cells] the positions the cells hold (a cell's largest)
     head_positions: npt.NDArray[np.int32] | None   # [n_layer, n_head_kv, n_cells] per head, after a head eviction
-    score_positions: npt.NDArray[np.int32] | None  # the cells the policy scored ...
-    scores: npt.NDArray[np.float32] | None         # ... and its scores: [n_layer, n_head_kv, n] or [n]
+    scores: npt.NDArray[np.float32] | None         # [n_layer, n_head_kv, n_cells] the policy's score of each
+                                                   # (layer, KV head, cell)'s token; None if nothing was evicted
     model: ModelIdentity
     policy: str | None
     granularity: str | None
@@ -125,7 +125,7 @@ class CompressedContext:
         """Write the context to ``path`` (see the module docstring for the layout); returns the path."""
         arrays: dict[str, np.ndarray] = {"state": np.frombuffer(self.state, dtype=np.uint8),
                                          "tokens": self.tokens, "positions": self.positions}
-        for name in ("head_positions", "score_positions", "scores"):
+        for name in ("head_positions", "scores"):
             value = getattr(self, name)
             if value is not None:
                 arrays[name] = value
@@ -185,8 +185,7 @@ def read_context_file(path: str | os.PathLike[str]) -> CompressedContext:
         chat = header["chat"]
         return CompressedContext(
             state=arrays["state"].tobytes(), tokens=arrays["tokens"], positions=arrays["positions"],
-            head_positions=arrays.get("head_positions"), score_positions=arrays.get("score_positions"),
-            scores=arrays.get("scores"), model=ModelIdentity(**header["model"]), policy=header["policy"],
+            head_positions=arrays.get("head_positions"), scores=arrays.get("scores"), model=ModelIdentity(**header["model"]), policy=header["policy"],
             granularity=header["granularity"], keep=header["keep"], budget=header["budget"],
             n_protected=int(header["n_protected"]), chat=None if chat is None else ChatLayout(**chat))
     except ContextFileError:

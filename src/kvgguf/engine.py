@@ -109,6 +109,9 @@ class EvictionEngine:
         # after a head-granular eviction: [n_layer, n_head_kv, n] positions of the tokens that the first n cells
         # hold per KV head (cells after them hold their own position in every head); None while token-level
         self._head_layout: npt.NDArray[np.int32] | None = None
+        # indices (into the cells before it) that the last eviction kept: [n_layer, n_head_kv, n_keep] per head or
+        # [n_keep]; kept cell j of head (il, h) is cell last_kept[il, h, j] (or last_kept[j]) of before
+        self.last_kept: npt.NDArray[np.int32] | None = None
 
     def head_positions(self, positions: npt.NDArray[np.int32]) -> npt.NDArray[np.int32] | None:
         """The position each (layer, KV head, cell) holds, for the cells at ``positions``; None when every
@@ -156,6 +159,7 @@ class EvictionEngine:
         layout_before = self.head_positions(positions)
         t0 = time.perf_counter()
         keep_idx = select_topk(scores, n_keep, protect)
+        self.last_kept = keep_idx
         if head_granular:
             t1 = time.perf_counter()
             freed = self.cache.compact(positions[keep_idx])

@@ -22,7 +22,7 @@ from .context import ChatLayout, CompressedContext, ContextFileError, ModelIdent
 from .engine import EvictionEngine, KVCacheView, kv_bytes_per_cell
 from .models import check_gguf_file
 from .policies import Policy, ScoreInput
-from .policies.kvzip import CHUNK_TOKENS, FIRST_REQUEST, QUOTED_TOKENS, KVzipPolicy
+from .policies.kvzip import CHUNK_TOKENS, NEXT_REQUEST, QUOTED_TOKENS, KVzipPolicy
 from .scores import reduce_groups
 from .settings import DEFAULT_SINK, DEFAULT_WINDOW, EvictionSettings, validate_settings
 from .tap import AttentionTap
@@ -30,7 +30,7 @@ from .tap import AttentionTap
 
 SEQ_ID = 0  # llama_cpp.Llama decodes everything into sequence 0
 POS_END = 2**31 - 1  # an open end for the tap's position range
-MIN_RECONSTRUCTION_CHUNK = 64  # fewer free cells than this: KVzip falls back to its last scores
+MIN_RECONSTRUCTION_CHUNK = 64  # fewer free cells than this: KVzip ranks the unscored cells first instead
 CONTEXT_MARK = "\x00kvgguf-context\x00"  # where a compressed context goes when its chat is formatted
 
 
@@ -78,6 +78,9 @@ class Llama(llama_cpp.Llama):
         self._kv_policy: Policy | None = None
         self._kv_prompt_pending = False
         self._kv_last_scores: dict[str, np.ndarray] | None = None
+        # KVzip: scores of the first cells of the cache, per (layer, KV head, cell) in cell order
+        self._kv_cell_scores: np.ndarray | None = None
+        self._kv_request_len: int | None = None
         self._kv_head_mixed = False  # a per-head compaction since the last reset
         self._kv_chat_formatter: Jinja2ChatFormatter | None = None
         self._kv_context_chat_handler: Any = None
@@ -132,12 +135,19 @@ class Llama(llama_cpp.Llama):
         if settings.sink + settings.window + 2 > n_ctx:
             raise ValueError(f"kv_sink + kv_window = {settings.sink + settings.window} leaves no room in "
                              f"n_ctx={n_ctx}")
+        reserve = self._reconstruction_reserve(settings.policy())
+        if reserve and settings.sink + settings.window + reserve + 2 * MIN_RECONSTRUCTION_CHUNK > n_ctx:
+            raise ValueError(f"kv_eviction={settings.policy_name!r} keeps {reserve} cells free for its "
+                             f"reconstruction; with kv_sink + kv_window = {settings.sink + settings.window} that "
+                             f"leaves too little of n_ctx={n_ctx}: use n_ctx >= "
+                             f"{settings.sink + settings.window + reserve + 2 * MIN_RECONSTRUCTION_CHUNK}")
 
     def _apply_settings(self, settings: EvictionSettings | None) -> None:
         self._stop_tap()
         self._kv_settings = settings
         self._kv_policy = settings.policy() if settings else None
         self._kv_last_scores = None
+        self._kv_cell_scores = None
         self._kv_prompt_pending = False
 
     @property
@@ -178,8 +188,9 @@ class Llama(llama_cpp.Llama):
 
     def kv_scores(self) -> dict[str, np.ndarray] | None:
         """The scores of the last eviction, as the policy produced them (before any token-level reduction):
-        ``{"positions": [n_cells], "scores": [n_layer, n_head_kv, n_cells] or [n_cells]}``; None before the
-        first eviction. Higher means more worth keeping."""
+        ``{"positions": [n_cells], "scores": [n_layer, n_head_kv, n_cells] or [n_cells]}``, and after an earlier
+        per-head eviction ``"head_positions": [n_layer, n_head_kv, n_cells]`` (the token each head's cell held);
+        None before the first eviction. Higher means more worth keeping."""
         return self._kv_last_scores
 
     def reset(self) -> None:
@@ -188,6 +199,7 @@ class Llama(llama_cpp.Llama):
         self._kv_head_mixed = False
         self._kv_lossy = False
         self._kv_context_in_use = False
+        self._kv_cell_scores = None
         if "_kv_engine" in self.__dict__:
             self._kv_engine.forget_layout()
 
@@ -307,7 +319,9 @@ class Llama(llama_cpp.Llama):
             self.prefill(tokens)
             snapshot = self.kv_snapshot()
             positions = self.kv_positions().copy()
-            scores = self._kv_last_scores
+            scores = self._kv_cell_scores
+            if scores is not None and scores.shape[2] != positions.size:
+                scores = None  # nothing was evicted (the context fits the budget)
         finally:
             self._stop_tap()
             self._kv_settings, self._kv_policy, self._kv_last_scores = previous
@@ -315,9 +329,7 @@ class Llama(llama_cpp.Llama):
             self.reset()
         return CompressedContext(
             state=snapshot.data, tokens=snapshot.tokens.astype(np.int32), positions=positions,
-            head_positions=snapshot.head_positions,
-            score_positions=None if scores is None else scores["positions"],
-            scores=None if scores is None else scores["scores"], model=self.model_identity(), policy=name,
+            head_positions=snapshot.head_positions, scores=scores, model=self.model_identity(), policy=name,
             granularity=settings.granularity, keep=settings.keep, budget=settings.budget, n_protected=n_protected,
             chat=chat)
 
@@ -423,8 +435,8 @@ class Llama(llama_cpp.Llama):
         self._kv_context_in_use = True
         self._kv_lossy = True
         if context.scores is not None and self._kv_policy is not None and self._kv_policy.name == context.policy:
-            # decode-time evictions of kvzip fall back to these (no room for a reconstruction)
-            self._kv_last_scores = {"positions": context.score_positions, "scores": context.scores}
+            # the context's cells keep their scores; a decode-time eviction scores only what was decoded since
+            self._kv_cell_scores = context.scores.copy()
 
     def _context_tokens(self, context: str | Sequence[int],
                         system: str | None) -> tuple[list[int], ChatLayout | None, int]:
@@ -488,11 +500,14 @@ class Llama(llama_cpp.Llama):
         self._ctx.kv_cache_seq_rm(-1, self.n_tokens, -1)  # what the parent's eval would drop anyway
         n_prompt_cells = self._kv_engine.cache.n_cells() + len(tokens)
         chunk = self._chunk_size()
-        n_ctx = self.n_ctx()
+        n_ctx = self.n_ctx() - self._reconstruction_reserve()
         starts = list(range(0, len(tokens), chunk))
         for i, start in enumerate(starts):
             piece = tokens[start:start + chunk]
-            self._make_room(len(piece))
+            # evictions before the whole prompt is in decide per cell; the last one at the set granularity.
+            # (Measured with KVzip, a 3K context in 1K cells at keep 0.2: per-head evictions at every piece lost
+            # all three facts, per-cell ones kept them.)
+            self._make_room(len(piece), slack=False, granularity="token")
             is_last = i == len(starts) - 1
             next_len = 0 if is_last else min(chunk, len(tokens) - starts[i + 1])
             evicts_next = is_last or self._kv_engine.cache.n_cells() + len(piece) + next_len > n_ctx
@@ -501,34 +516,37 @@ class Llama(llama_cpp.Llama):
                 end = self.n_tokens + len(piece)
                 self._start_tap(max(0, end - self._observation_window()), end)
             self._eval_growing(piece)
-        # leave room for the observation window of a later, decode-time eviction
-        room_cap = self.n_ctx() - self._observation_window() - 2
+        # leave room for the observation window (or reconstruction) of a later, decode-time eviction
+        room_cap = self.n_ctx() - self._observation_window() - 2 - self._reconstruction_reserve()
         self._evict_to(min(settings.target_cells(n_prompt_cells), room_cap))
         self._stop_tap()
 
     def _chunk_size(self) -> int:
         settings = self._kv_settings
         assert settings is not None
-        room = self.n_ctx() - settings.sink - settings.window - 1
-        return max(1, min(self.n_batch, room // 2))
+        reserve = self._reconstruction_reserve()
+        room = self.n_ctx() - settings.sink - settings.window - 1 - reserve
+        piece = self._reconstruction_piece() if reserve else self.n_batch
+        return max(1, min(piece, room // 2))
 
-    def _make_room(self, n_new: int) -> None:
-        """Evict before decoding ``n_new`` tokens if they would not fit in the n_ctx cells."""
-        n_ctx = self.n_ctx()
+    def _make_room(self, n_new: int, slack: bool = True, granularity: str | None = None) -> None:
+        """Evict before decoding ``n_new`` tokens if they would not fit in the n_ctx cells (less KVzip's
+        reconstruction reserve)."""
+        n_ctx = self.n_ctx() - self._reconstruction_reserve()
         n_cells = self._kv_engine.cache.n_cells()
         if n_cells + n_new <= n_ctx:
             return
         settings = self._kv_settings
         assert settings is not None
         # only make room: the budget is applied once the whole prompt is known (a query-aware policy sees the
-        # question last). A little slack keeps decoding from evicting at every step.
-        slack = min(n_ctx // 8, 256)
-        self._evict_to(max(n_ctx - n_new - slack, settings.sink + settings.window + 1))
+        # question last). While decoding, a little slack keeps it from evicting at every step.
+        n_slack = min(n_ctx // 8, 256) if slack else 0
+        self._evict_to(max(n_ctx - n_new - n_slack, settings.sink + settings.window + 1), granularity)
         if self._kv_engine.cache.n_cells() + n_new > n_ctx:
-            raise ValueError(f"cannot fit {n_new} new tokens into n_ctx={n_ctx} cells with kv_sink + kv_window = "
+            raise ValueError(f"cannot fit {n_new} new tokens into {n_ctx} cells with kv_sink + kv_window = "
                              f"{settings.sink + settings.window} protected; use a larger n_ctx")
 
-    def _evict_to(self, n_keep: int) -> None:
+    def _evict_to(self, n_keep: int, granularity: str | None = None) -> None:
         positions = self._kv_engine.cache.positions()
         if positions.size <= n_keep:
             return
@@ -549,7 +567,10 @@ class Llama(llama_cpp.Llama):
         scores = policy.score(ScoreInput(positions=positions, n_layer=self._kv_engine.n_layer,
                                          n_head_kv=self._kv_engine.n_head_kv, attention=attention))
         self._kv_last_scores = {"positions": positions, "scores": scores}
-        if scores.ndim == 3 and settings.granularity == "token":
+        layout = self._kv_engine.head_positions(positions)
+        if layout is not None:
+            self._kv_last_scores["head_positions"] = layout
+        if scores.ndim == 3 and (granularity or settings.granularity) == "token":
             # one decision per cell: the max over layers and heads
             scores = reduce_groups(scores.reshape(-1, positions.size), scores.shape[0] * scores.shape[1], "max")[0]
         score_s = time.perf_counter() - t0
@@ -560,7 +581,17 @@ class Llama(llama_cpp.Llama):
         self._stop_tap()  # the scores follow cell indices, which the eviction changes
         self._kv_engine.evict(positions, scores, n_keep, protect, score_s=score_s)
         self._kv_lossy = True
+        if policy.observes_reconstruction:
+            self._kv_cell_scores = self._kept_scores(self._kv_last_scores["scores"])
         self._kv_head_mixed = self._kv_head_mixed or scores.ndim == 3
+
+    def _kept_scores(self, scores: np.ndarray) -> np.ndarray:
+        """Per-(layer, head) ``scores`` of the cells before the last eviction, for the cells it kept."""
+        kept = self._kv_engine.last_kept
+        assert kept is not None
+        if kept.ndim == 1:
+            return np.ascontiguousarray(scores[:, :, kept])
+        return np.take_along_axis(scores, kept.astype(np.intp), axis=2)
 
     def _observes_window(self) -> bool:
         """The policy scores with the tap over the prompt's last window (SnapKV), not a reconstruction."""
@@ -589,32 +620,64 @@ class Llama(llama_cpp.Llama):
             prompt = f"\n\n{text}\n\n"
         return self.tokenize(prompt.encode(), add_bos=False, special=True)
 
-    def _reconstruction_attention(self, positions: np.ndarray) -> np.ndarray:
-        """KVzip's scores: teacher-force the cached context after a "repeat it" request, chunk by chunk, after
-        the cache's cells, with the tap on the forced tokens; then remove those cells again.
+    def _reconstruction_request_len(self) -> int:
+        """Upper bound of a reconstruction request's tokens (the chat template, the request, the quote)."""
+        if self._kv_request_len is None:
+            self._kv_request_len = len(self._chat_request(NEXT_REQUEST)) + 2 * QUOTED_TOKENS + 8
+        return self._kv_request_len
 
-        Where the cache has no room for a reconstruction chunk (a decode that fills it) or its cells hold
-        different tokens per KV head (after a per-head eviction), the cells keep the scores of the last
-        reconstruction and cells decoded since then rank above them."""
+    def _reconstruction_reserve(self, policy: Policy | None = None) -> int:
+        """Cells kept free for a KVzip reconstruction (a request and a chunk of forced tokens); 0 for others."""
+        policy = policy if policy is not None else self._kv_policy
+        if policy is None or not policy.observes_reconstruction:
+            return 0
+        return self._reconstruction_request_len() + self._reconstruction_piece()
+
+    def _reconstruction_piece(self) -> int:
+        """Prompt tokens a KVzip prefill decodes between evictions (each is reconstructed at the next one):
+        small, so that a context longer than n_ctx leaves most cells to the compressed part before it."""
+        return min(self.n_batch, max(MIN_RECONSTRUCTION_CHUNK, self.n_ctx() // 8))
+
+    def _reconstruction_attention(self, positions: np.ndarray) -> np.ndarray:
+        """KVzip's scores of the cells at ``positions``: the max attention of the queries that reconstruct the
+        context. The cells decoded since the last eviction are teacher-forced after a "repeat the context"
+        request, chunk by chunk, after the cache's cells, with the tap on the forced tokens; then those cells are
+        removed again. The cells scored at earlier evictions keep their scores: maxing them with every later
+        reconstruction too would favour the start of a context prefilled piece by piece (its cells would see
+        more queries than the later ones). Where the cache has no room for a reconstruction (a decode-time
+        eviction with no reserve left), the unscored cells rank above all others."""
         policy = self._kv_policy
         assert isinstance(policy, KVzipPolicy)
         n_layer, n_head_kv = self._kv_engine.n_layer, self._kv_engine.n_head_kv
         n_cells = positions.size
-        first_request = self._chat_request(FIRST_REQUEST)
-        room = self.n_ctx() - n_cells - len(first_request) - QUOTED_TOKENS - 8
-        if room < MIN_RECONSTRUCTION_CHUNK or self._kv_head_mixed:
-            return self._remembered_scores(positions, room)
+        known = self._kv_cell_scores
+        n_known = 0 if known is None else min(known.shape[2], n_cells)
+        scores = np.zeros((n_layer, n_head_kv, n_cells), dtype=np.float32)
+        if n_known:
+            scores[:, :, :n_known] = known[:, :, :n_known]
+        if n_known == n_cells:
+            return scores
+        room = self.n_ctx() - n_cells - self._reconstruction_request_len()
+        if room < MIN_RECONSTRUCTION_CHUNK:
+            if n_known == 0:
+                raise ValueError(f"kvzip has no scores for the {n_cells} cells of this cache and no room to "
+                                 f"reconstruct them in n_ctx={self.n_ctx()}; use a larger n_ctx")
+            scores[:, :, n_known:] = np.finfo(np.float32).max
+            return scores
         n_done = self.n_tokens
-        tokens = self.input_ids[positions].tolist()
-        first = 1 if tokens and tokens[0] == self.token_bos() else 0
-        chunks = policy.reconstruction(tokens[first:], min(CHUNK_TOKENS, room), self._chat_request,
-                                       lambda ids: self.detokenize(ids).decode("utf-8", errors="ignore"))
-        attention = np.zeros((n_layer, n_head_kv, n_cells), dtype=np.float32)
+        new_tokens = self.input_ids[positions[n_known:]].tolist()
+        preceding = self.input_ids[max(0, positions[n_known] - QUOTED_TOKENS):positions[n_known]].tolist()
+        if n_known == 0 and new_tokens and new_tokens[0] == self.token_bos():
+            new_tokens, preceding = new_tokens[1:], []
+        chunks = policy.reconstruction(new_tokens, min(CHUNK_TOKENS, room), self._chat_request,
+                                       lambda ids: self.detokenize(ids).decode("utf-8", errors="ignore"),
+                                       preceding=preceding)
+        new = scores[:, :, n_known:]
         for chunk in chunks:
             p0 = n_done + len(chunk.request)
             self._start_tap(p0, p0 + len(chunk.forced))
             self._eval_growing(chunk.request + chunk.forced)
-            np.maximum(attention, self._kv_tap.scores(SEQ_ID)[:, :, :n_cells], out=attention)
+            np.maximum(new, self._kv_tap.scores(SEQ_ID)[:, :, n_known:n_cells], out=new)
             self._stop_tap()
             self._ctx.kv_cache_seq_rm(SEQ_ID, n_done, -1)
             self.n_tokens = n_done
@@ -623,20 +686,6 @@ class Llama(llama_cpp.Llama):
         self._ctx.kv_cache_seq_rm(SEQ_ID, n_done - 1, -1)
         self.n_tokens = n_done - 1
         self._eval_growing([last])
-        return attention
-
-    def _remembered_scores(self, positions: np.ndarray, room: int) -> np.ndarray:
-        last = self._kv_last_scores
-        if last is None or last["scores"].ndim != 3:
-            raise ValueError(f"kvzip needs room for its reconstruction: {self.n_ctx()} cells hold {positions.size} "
-                             f"and leave {max(room, 0)} for it (at least {MIN_RECONSTRUCTION_CHUNK}); kvzip does not "
-                             "prefill prompts longer than n_ctx yet: use an n_ctx that holds the prompt")
-        n_layer, n_head_kv = self._kv_engine.n_layer, self._kv_engine.n_head_kv
-        scores = np.full((n_layer, n_head_kv, positions.size), np.finfo(np.float32).max, dtype=np.float32)
-        index = np.searchsorted(last["positions"], positions)
-        found = index < last["positions"].size
-        found[found] = last["positions"][index[found]] == positions[found]
-        scores[:, :, found] = last["scores"][:, :, index[found]]
         return scores
 
     def _eval_growing(self, tokens: list[int]) -> None:

@@ -211,7 +211,7 @@ def main(args: argparse.Namespace) -> int:
     keeps = args.keeps or profile["keeps"]
     samples = args.samples or profile["samples"]
     check_arguments(args.tasks, args.policies, keeps, args.settings, lengths)
-    llm = Llama(model, n_ctx=max(lengths) + 256, n_batch=512, n_threads=args.threads,
+    llm = Llama(model, n_ctx=report.cells_for(args.policies, max(lengths) + 256), n_batch=512, n_threads=args.threads,
                 n_threads_batch=args.threads, verbose=False)
     jobs = prepare(llm, args.tasks, lengths, samples)
     rows = run(llm, jobs, keeps, args.policies, args.settings)
@@ -278,7 +278,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     report.add_common_arguments(parser)
     parser.add_argument("--quick", action="store_true", help="1K contexts, 2 samples, keep 1.0/0.5/0.2")
     parser.add_argument("--tasks", type=lambda t: t.split(","), default=sorted(TASKS))
-    parser.add_argument("--policies", type=lambda t: t.split(","), default=["snapkv", "streaming"])
+    parser.add_argument("--policies", type=lambda t: t.split(","), default=["snapkv", "streaming", "kvzip"])
     parser.add_argument("--settings", type=lambda t: t.split(","), default=list(SETTINGS))
     parser.add_argument("--lengths", type=_ints, help="context lengths in tokens, comma-separated")
     parser.add_argument("--keeps", type=_floats, help="kept ratios, comma-separated (1.0 = full cache)")

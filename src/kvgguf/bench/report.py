@@ -19,6 +19,16 @@ from . import schema
 logger = logging.getLogger(__name__)
 
 DEFAULT_OUTPUT = Path("docs/benchmarks")
+# extra cells for a policy that reconstructs the context (KVzip), so that a prompt that fits is scored in one pass
+RECONSTRUCTION_CELLS = 1024
+
+
+def cells_for(policies: list[str], n_cells: int) -> int:
+    """n_ctx for ``n_cells`` of prompt and generation, plus KVzip's reconstruction room when a policy needs it."""
+    from ..settings import validate_settings
+
+    reconstructs = any(validate_settings(policy).policy().observes_reconstruction for policy in policies)
+    return n_cells + (RECONSTRUCTION_CELLS if reconstructs else 0)
 
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:

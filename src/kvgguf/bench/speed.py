@@ -9,6 +9,11 @@ For each context length L it measures, on prompts of generated filler:
   selection and compaction timed separately), then decode at the compressed size;
 - ``fresh``: a fresh ``keep * L`` prompt without eviction — what the compressed cache should decode like.
 
+KVzip's prefill includes its reconstruction (the context teacher-forced once more with the tap): its cost is
+reported as compression time / plain prefill time (``off``). Its runner gets ``report.RECONSTRUCTION_CELLS`` more
+cells,
+so that the whole prompt is scored in one pass (with fewer cells it would evict piece by piece while prefilling).
+
 Prefill times are the minimum over ``--prefill-rounds``; decode speeds are medians of single-token latencies taken
 in interleaved rounds, so machine noise hits every configuration alike. The results are ratios within one run.
 At the longest length it also times the removal of ``L - keep * L`` scattered cells in one call.
@@ -40,6 +45,7 @@ logger = logging.getLogger(__name__)
 
 QUICK = dict(lengths=[1024, 4096], rounds=2, prefill_rounds=1)
 FULL = dict(lengths=[2048, 4096, 8192], rounds=4, prefill_rounds=2)
+KVZIP_MAX_PREFILL_RATIO = 2.8  # compression time / plain prefill time
 DEFAULT_BASELINE_LIB = (Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "kvgguf" / "baseline-0.3.36"
                         / "kvgguf" / "lib")
 
@@ -139,7 +145,8 @@ def measure_length(model: str, length: int, keep: float, policies: list[str], ro
     if baseline_lib is not None:
         runners["baseline"] = BaselineRunner(baseline_lib, model, n_ctx, threads)
     for policy in policies:
-        runners[policy] = LocalRunner(model, n_ctx, threads, kv_eviction=policy, kv_budget=budget)
+        runners[policy] = LocalRunner(model, report.cells_for([policy], n_ctx), threads, kv_eviction=policy,
+                                      kv_budget=budget)
     runners["fresh"] = LocalRunner(model, budget + n_decode * rounds + 256, threads)
     off = runners["off"]
     assert isinstance(off, LocalRunner)
@@ -208,8 +215,8 @@ def ratios(rows: list[dict[str, Any]], policies: list[str]) -> list[dict[str, An
             entry["off_vs_baseline_decode"] = at["off"]["decode_tok_s"] / at["baseline"]["decode_tok_s"]
         for policy in policies:
             entry[policy] = {
+                "prefill_ratio": at[policy]["prefill_s"] / at["off"]["prefill_s"],
                 "eviction_share_of_prefill": at[policy]["eviction_s"] / at["off"]["prefill_s"],
-                "prefill_overhead": at[policy]["prefill_s"] / at["off"]["prefill_s"] - 1.0,
                 "decode_vs_fresh": at[policy]["decode_tok_s"] / at["fresh"]["decode_tok_s"],
                 "decode_vs_full": at[policy]["decode_tok_s"] / at["off"]["decode_tok_s"],
             }
@@ -221,8 +228,14 @@ def targets(summary: list[dict[str, Any]], removal: dict[str, Any], policies: li
     longest = summary[-1]
     met = {f"{p}: compressed decode >= 0.95 x fresh at {longest['length']}": longest[p]["decode_vs_fresh"] >= 0.95
            for p in policies}
-    met.update({f"{p}: scoring + eviction <= 3% of prefill at {longest['length']}":
-                longest[p]["eviction_share_of_prefill"] <= 0.03 for p in policies})
+    for p in policies:
+        if validate_settings(p).policy().observes_reconstruction:
+            # the reconstruction forward is the method; the tap must add little to it
+            met[f"{p}: compression <= {KVZIP_MAX_PREFILL_RATIO}x plain prefill at every length"] = all(
+                entry[p]["prefill_ratio"] <= KVZIP_MAX_PREFILL_RATIO for entry in summary)
+        else:
+            met[f"{p}: scoring + eviction <= 3% of prefill at {longest['length']}"] = (
+                longest[p]["eviction_share_of_prefill"] <= 0.03)
     met[f"remove {removal['cells']} scattered cells of {removal['length']} <= 2 ms"] = removal["remove_s"] <= 0.002
     if "off_vs_baseline_prefill" in longest:
         # the patches add no work when eviction is off: within machine noise of the unpatched build
@@ -275,15 +288,17 @@ def markdown(results: dict[str, Any], env: dict[str, Any]) -> str:
     header = "| L | off / baseline prefill time | off / baseline decode speed |"
     sep = "|---|---|---|"
     for policy in results["policies"]:
-        header += f" {policy}: eviction % of prefill | {policy}: decode vs fresh | {policy}: decode vs full |"
-        sep += "---|---|---|"
+        header += (f" {policy}: prefill ratio | {policy}: eviction % of prefill | {policy}: decode vs fresh | "
+                   f"{policy}: decode vs full |")
+        sep += "---|---|---|---|"
     lines += [header, sep]
     for entry in results["ratios"]:
         line = (f"| {entry['length']} | {entry.get('off_vs_baseline_prefill', float('nan')):.3f} | "
                 f"{entry.get('off_vs_baseline_decode', float('nan')):.3f} |")
         for policy in results["policies"]:
             p = entry[policy]
-            line += (f" {100 * p['eviction_share_of_prefill']:.2f}% | {p['decode_vs_fresh']:.3f} | "
+            line += (f" {p['prefill_ratio']:.2f}x | {100 * p['eviction_share_of_prefill']:.2f}% | "
+                     f"{p['decode_vs_fresh']:.3f} | "
                      f"{p['decode_vs_full']:.2f}x |")
         lines.append(line)
     removal = results["remove_scattered"]
@@ -350,7 +365,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lengths", type=lambda t: [int(x) for x in t.split(",")],
                         help="prompt lengths in tokens, comma-separated (default 2048,4096,8192)")
     parser.add_argument("--keep", type=float, default=0.25, help="kv_keep of the policies (budget = keep x L)")
-    parser.add_argument("--policies", type=lambda t: t.split(","), default=["snapkv", "streaming"])
+    parser.add_argument("--policies", type=lambda t: t.split(","), default=["snapkv", "streaming", "kvzip"])
     parser.add_argument("--n-decode", type=int, default=32, help="decoded tokens per configuration and round")
     parser.add_argument("--rounds", type=int, help="interleaved decode rounds")
     parser.add_argument("--prefill-rounds", type=int, help="prefills per configuration (the minimum is reported)")

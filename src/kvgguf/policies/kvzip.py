@@ -40,20 +40,23 @@ class KVzipPolicy(Policy):
     tap_reduce_heads = "max"
 
     def reconstruction(self, context: list[int], chunk_tokens: int, chat_request: Callable[[str], list[int]],
-                       detokenize: Callable[[list[int]], str]) -> list[ReconstructionChunk]:
+                       detokenize: Callable[[list[int]], str],
+                       preceding: list[int] | None = None) -> list[ReconstructionChunk]:
         """The requests and forced tokens that reconstruct ``context`` in chunks of at most ``chunk_tokens``.
 
         ``chat_request(text)`` is the model's chat template around a user message ``text``, ending with the
-        assistant header, as tokens."""
+        assistant header, as tokens. ``preceding``: the context's tokens before ``context`` (scored earlier, in a
+        chunked prefill); the first chunk then quotes their end, like any later chunk."""
         if chunk_tokens < 1:
             raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+        before = list(preceding or [])[-QUOTED_TOKENS:]
         chunks = []
         for start in range(0, len(context), chunk_tokens):
-            if start == 0:
+            quoted_ids = (before + context[:start])[-QUOTED_TOKENS:]
+            if not quoted_ids:
                 request = chat_request(FIRST_REQUEST)
             else:
-                quoted = detokenize(context[max(0, start - QUOTED_TOKENS):start])
-                request = chat_request(NEXT_REQUEST + quoted)
+                request = chat_request(NEXT_REQUEST + detokenize(quoted_ids))
             chunks.append(ReconstructionChunk(request=request, forced=context[start:start + chunk_tokens]))
         return chunks
 
