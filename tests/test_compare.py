@@ -120,3 +120,11 @@ def test_bad_names_raise(hf_model):
         compare.kvpress_answer(hf_model, [1, 2, 3], [4], "snapkv", 0.5, "sideways")
     with pytest.raises(ValueError, match="keep"):
         compare.make_press("snapkv", 1.5, 32)
+
+
+@pytest.mark.parametrize("method", ["kvzip-head", "kvzip-token"])
+def test_kvzip_granularity_variants_from_kvpress_scores(llm, hf_model, prompt, sample, eos, method):
+    # kvpress's KVzip scores with our two selections (equal budgets per head, or one decision per token)
+    text, cells = kvpress_text(llm, hf_model, prompt, method, 0.5, "query-agnostic", eos)
+    assert cells == len(prompt.context) - int(len(prompt.context) * 0.5)
+    assert score(sample, text) == 1.0, text

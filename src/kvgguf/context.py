@@ -185,8 +185,9 @@ def read_context_file(path: str | os.PathLike[str]) -> CompressedContext:
         chat = header["chat"]
         return CompressedContext(
             state=arrays["state"].tobytes(), tokens=arrays["tokens"], positions=arrays["positions"],
-            head_positions=arrays.get("head_positions"), scores=arrays.get("scores"), model=ModelIdentity(**header["model"]), policy=header["policy"],
-            granularity=header["granularity"], keep=header["keep"], budget=header["budget"],
+            head_positions=arrays.get("head_positions"), scores=arrays.get("scores"),
+            model=ModelIdentity(**header["model"]), policy=header["policy"], granularity=header["granularity"],
+            keep=header["keep"], budget=header["budget"],
             n_protected=int(header["n_protected"]), chat=None if chat is None else ChatLayout(**chat))
     except ContextFileError:
         raise

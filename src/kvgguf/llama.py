@@ -81,6 +81,7 @@ class Llama(llama_cpp.Llama):
         # KVzip: scores of the first cells of the cache, per (layer, KV head, cell) in cell order
         self._kv_cell_scores: np.ndarray | None = None
         self._kv_request_len: int | None = None
+        self._kv_turn_end: list[int] | None = None
         self._kv_head_mixed = False  # a per-head compaction since the last reset
         self._kv_chat_formatter: Jinja2ChatFormatter | None = None
         self._kv_context_chat_handler: Any = None
@@ -499,8 +500,9 @@ class Llama(llama_cpp.Llama):
         assert settings is not None
         self._ctx.kv_cache_seq_rm(-1, self.n_tokens, -1)  # what the parent's eval would drop anyway
         n_prompt_cells = self._kv_engine.cache.n_cells() + len(tokens)
-        chunk = self._chunk_size()
         n_ctx = self.n_ctx() - self._reconstruction_reserve()
+        fits = n_prompt_cells <= n_ctx
+        chunk = self.n_batch if fits else self._chunk_size()  # pieces matter only when evictions come between
         starts = list(range(0, len(tokens), chunk))
         for i, start in enumerate(starts):
             piece = tokens[start:start + chunk]
@@ -612,18 +614,27 @@ class Llama(llama_cpp.Llama):
     def _token_text(self, token: int) -> str:
         return self._model.token_get_text(token) if token != -1 else ""
 
-    def _chat_request(self, text: str) -> list[int]:
-        """``text`` as a user message in the model's chat template, up to the assistant header, as tokens."""
-        if "tokenizer.chat_template" in self.metadata:
-            prompt = self.chat_formatter()(messages=[{"role": "user", "content": text}]).prompt
-        else:
-            prompt = f"\n\n{text}\n\n"
-        return self.tokenize(prompt.encode(), add_bos=False, special=True)
+    def _turn_end(self) -> list[int]:
+        """The chat template's tokens after a user message up to the assistant's answer (end of the user turn,
+        assistant header); a blank line without a template."""
+        if self._kv_turn_end is None:
+            if "tokenizer.chat_template" in self.metadata:
+                prompt = self.chat_formatter()(messages=[{"role": "user", "content": CONTEXT_MARK}]).prompt
+                text = prompt[prompt.index(CONTEXT_MARK) + len(CONTEXT_MARK):]
+            else:
+                text = "\n\n"
+            self._kv_turn_end = self.tokenize(text.encode(), add_bos=False, special=True)
+        return self._kv_turn_end
+
+    def _reconstruction_request(self, text: str, quoted: list[int]) -> list[int]:
+        """KVzip's request, as the context's user turn would go on: a blank line, ``text``, the ``quoted`` token
+        ids, then the end of the turn and the assistant header (the teacher-forced context follows)."""
+        return self.tokenize(f"\n\n{text}".encode(), add_bos=False, special=False) + quoted + self._turn_end()
 
     def _reconstruction_request_len(self) -> int:
         """Upper bound of a reconstruction request's tokens (the chat template, the request, the quote)."""
         if self._kv_request_len is None:
-            self._kv_request_len = len(self._chat_request(NEXT_REQUEST)) + 2 * QUOTED_TOKENS + 8
+            self._kv_request_len = len(self._reconstruction_request(NEXT_REQUEST, [0] * QUOTED_TOKENS)) + 8
         return self._kv_request_len
 
     def _reconstruction_reserve(self, policy: Policy | None = None) -> int:
@@ -669,13 +680,12 @@ class Llama(llama_cpp.Llama):
         preceding = self.input_ids[max(0, positions[n_known] - QUOTED_TOKENS):positions[n_known]].tolist()
         if n_known == 0 and new_tokens and new_tokens[0] == self.token_bos():
             new_tokens, preceding = new_tokens[1:], []
-        chunks = policy.reconstruction(new_tokens, min(CHUNK_TOKENS, room), self._chat_request,
-                                       lambda ids: self.detokenize(ids).decode("utf-8", errors="ignore"),
+        chunks = policy.reconstruction(new_tokens, min(CHUNK_TOKENS, room), self._reconstruction_request,
                                        preceding=preceding)
         new = scores[:, :, n_known:]
         for chunk in chunks:
-            p0 = n_done + len(chunk.request)
-            self._start_tap(p0, p0 + len(chunk.forced))
+            # every reconstruction query observes, the request's as the forced tokens' (as in the reference)
+            self._start_tap(n_done, n_done + len(chunk.request) + len(chunk.forced))
             self._eval_growing(chunk.request + chunk.forced)
             np.maximum(new, self._kv_tap.scores(SEQ_ID)[:, :, n_known:n_cells], out=new)
             self._stop_tap()

@@ -21,7 +21,7 @@ from .._native import llama_cpp_api
 from ..llama import KVSnapshot, Llama
 from ..models import resolve_model
 from ..policies import POLICIES
-from ..settings import DEFAULT_WINDOW, validate_settings
+from ..settings import DEFAULT_WINDOW, GRANULARITIES, validate_settings
 from . import report
 from .tasks import TASKS, Sample, generate, score
 
@@ -35,6 +35,15 @@ FULL = dict(lengths=[1024, 2048, 4096], samples=5, keeps=[1.0, 0.5, 0.3, 0.2, 0.
 class PromptTokens:
     context: list[int]    # chat template + context: what a query-agnostic policy compresses
     question: list[int]   # question + assistant header: decoded after the compression
+
+
+def policy_spec(name: str) -> tuple[str, str | None]:
+    """A policy name of the command line: ``kvzip`` (its default granularity) or ``kvzip-token`` /
+    ``kvzip-head``; returns (policy, granularity or None)."""
+    base, _, granularity = name.rpartition("-")
+    if name not in POLICIES and base in POLICIES and granularity in GRANULARITIES:
+        return base, granularity
+    return name, None
 
 
 def split_prompt(llm: Llama, formatter: Jinja2ChatFormatter, sample: Sample) -> PromptTokens:
@@ -107,7 +116,8 @@ def run(llm: Llama, jobs: list[tuple[Sample, PromptTokens]], keeps: list[float],
             if policy == "full":
                 llm.configure_kv_eviction(None)
             else:
-                llm.configure_kv_eviction(policy, kv_keep=keep)
+                policy_name, granularity = policy_spec(policy)
+                llm.configure_kv_eviction(policy_name, kv_keep=keep, kv_granularity=granularity)
             for setting in settings[:1] if policy == "full" else settings:
                 output = answer(llm, tokens, setting, max_tokens, prefix)
                 stats = llm.kv_stats()
@@ -211,7 +221,8 @@ def main(args: argparse.Namespace) -> int:
     keeps = args.keeps or profile["keeps"]
     samples = args.samples or profile["samples"]
     check_arguments(args.tasks, args.policies, keeps, args.settings, lengths)
-    llm = Llama(model, n_ctx=report.cells_for(args.policies, max(lengths) + 256), n_batch=512, n_threads=args.threads,
+    llm = Llama(model, n_ctx=report.cells_for([policy_spec(p)[0] for p in args.policies], max(lengths) + 256),
+                n_batch=512, n_threads=args.threads,
                 n_threads_batch=args.threads, verbose=False)
     jobs = prepare(llm, args.tasks, lengths, samples)
     rows = run(llm, jobs, keeps, args.policies, args.settings)
@@ -263,7 +274,8 @@ def check_arguments(tasks: list[str], policies: list[str], keeps: list[float], s
         if length < 64:
             raise ValueError(f"context length {length} is too short (at least 64 tokens)")
     for policy, keep in itertools.product(policies, keeps):
-        validate_settings(policy, keep)
+        policy_name, granularity = policy_spec(policy)
+        validate_settings(policy_name, keep, kv_granularity=granularity)
 
 
 def _floats(text: str) -> list[float]:
@@ -278,7 +290,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     report.add_common_arguments(parser)
     parser.add_argument("--quick", action="store_true", help="1K contexts, 2 samples, keep 1.0/0.5/0.2")
     parser.add_argument("--tasks", type=lambda t: t.split(","), default=sorted(TASKS))
-    parser.add_argument("--policies", type=lambda t: t.split(","), default=["snapkv", "streaming", "kvzip"])
+    parser.add_argument("--policies", type=lambda t: t.split(","), default=["snapkv", "streaming", "kvzip"],
+                        help="policies, comma-separated; a '-token' or '-head' suffix sets the granularity "
+                        "(kvzip-token)")
     parser.add_argument("--settings", type=lambda t: t.split(","), default=list(SETTINGS))
     parser.add_argument("--lengths", type=_ints, help="context lengths in tokens, comma-separated")
     parser.add_argument("--keeps", type=_floats, help="kept ratios, comma-separated (1.0 = full cache)")

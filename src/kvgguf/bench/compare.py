@@ -20,6 +20,7 @@ import logging
 import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,7 @@ from .._native import llama_cpp_api
 from ..llama import Llama
 from ..policies import POLICIES
 from ..settings import DEFAULT_SINK
+from . import report
 from .accuracy import SETTINGS
 from .tasks import Sample, score
 
@@ -82,10 +84,55 @@ def _kvzip_press(compression_ratio: float, window: int) -> BasePress:
     return KVzipPress(compression_ratio=compression_ratio, n_sink=DEFAULT_SINK)
 
 
+@dataclass
+class KVzipGranularityPress(KVzipPress):
+    """kvpress's KVzip scores, with our selections instead of its global one: ``"head"`` masks the lowest
+    ``compression_ratio`` of the cells in every (layer, KV head) alike (equal budgets, our kv_granularity="head"),
+    ``"token"`` masks the same cells everywhere, ranked by their max score over layers and heads (ours
+    kv_granularity="token"). The first ``n_sink`` cells are kept, as in KVzipPress."""
+
+    granularity: str = "head"
+
+    def compress_post(self, model: Any) -> None:
+        if self.compression_ratio <= 0:
+            return
+        scores = self.score_val[:, 0]  # [n_layer, n_head_kv, n_tokens] (batch 1)
+        n_layer, n_head_kv, n_tokens = scores.shape
+        scores = scores.clone()
+        scores[..., : self.n_sink] = scores.amax() + 1.0
+        n_pruned = int(n_tokens * self.compression_ratio)
+        if self.granularity == "token":
+            pruned = torch.topk(-scores.amax(dim=(0, 1)), n_pruned).indices.cpu()
+            per_head = pruned.repeat(n_layer, n_head_kv, 1)
+        elif self.granularity == "head":
+            per_head = torch.topk(-scores, n_pruned, dim=-1).indices.cpu()
+        else:
+            raise ValueError(f"granularity must be 'head' or 'token', got {self.granularity!r}")
+        for layer in model.model.layers:
+            module = layer.self_attn
+            indices = per_head[int(module.layer_idx)]  # [n_head_kv, n_pruned]
+            head_indices = torch.arange(n_head_kv).repeat_interleave(n_pruned)
+            module.masked_key_indices = (torch.zeros_like(head_indices), head_indices, indices.reshape(-1))
+
+
+def _kvzip_head_press(compression_ratio: float, window: int) -> BasePress:
+    """kvpress's KVzip scores, equal budgets per (layer, KV head) (see KVzipGranularityPress)."""
+    del window
+    return KVzipGranularityPress(compression_ratio=compression_ratio, n_sink=DEFAULT_SINK, granularity="head")
+
+
+def _kvzip_token_press(compression_ratio: float, window: int) -> BasePress:
+    """kvpress's KVzip scores, one decision per token (see KVzipGranularityPress)."""
+    del window
+    return KVzipGranularityPress(compression_ratio=compression_ratio, n_sink=DEFAULT_SINK, granularity="token")
+
+
 KVPRESS_METHODS: dict[str, Callable[[float, int], BasePress]] = {
     "snapkv": _snapkv_press,
     "streaming": _streaming_press,
-    "kvzip": _kvzip_press,
+    "kvzip": _kvzip_press,            # kvpress's own, global selection over all layers and heads
+    "kvzip-head": _kvzip_head_press,  # built from its scores: our two granularities
+    "kvzip-token": _kvzip_token_press,
 }
 
 
@@ -322,8 +369,8 @@ def kvpress_scores(model: Any, tokens: list[int], method: str, window: int = 32)
 
 def _our_scores(model_path: str, tokens: list[int], method: str, window: int, threads: int) -> np.ndarray:
     """kvgguf's scores of the eviction after prefilling ``tokens``: [n_layer, n_head_kv, n_tokens]."""
-    llm = Llama(model_path, n_ctx=len(tokens) + 64, n_batch=512, n_threads=threads, n_threads_batch=threads,
-                verbose=False, kv_eviction=method, kv_keep=0.5, kv_window=window)
+    llm = Llama(model_path, n_ctx=report.cells_for([method], len(tokens) + 64), n_batch=512, n_threads=threads,
+                n_threads_batch=threads, verbose=False, kv_eviction=method, kv_keep=0.5, kv_window=window)
     try:
         llm.prefill(tokens)
         result = llm.kv_scores()
@@ -355,7 +402,8 @@ def _correlation_methods(methods: list[str]) -> list[str]:
 def score_correlations(model_path: str, tokens: list[int], methods: list[str], window: int = 32,
                        threads: int = 2) -> list[dict[str, Any]]:
     """Spearman correlation of kvgguf's and kvpress's scores per (method, layer, KV head), over the cells both
-    may evict: after the first DEFAULT_SINK cells and before the last ``window`` (positional methods skipped).
+    may evict and both score: after the first DEFAULT_SINK cells (and the chat-template prefix that kvpress's
+    KVzip does not score) and before the last ``window`` (positional methods skipped).
     """
     chosen = _correlation_methods(methods)
     if len(tokens) <= DEFAULT_SINK + window + 2:
@@ -364,13 +412,16 @@ def score_correlations(model_path: str, tokens: list[int], methods: list[str], w
     if not chosen:
         return []
     model = load_hf_model(model_path)
-    compared = slice(DEFAULT_SINK, len(tokens) - window)
     rows = []
     for method in chosen:
         ours = _our_scores(model_path, tokens, method, window, threads)
         theirs = kvpress_scores(model, tokens, method, window)
         if ours.shape != theirs.shape:
             raise RuntimeError(f"{method!r}: kvgguf scores {ours.shape} vs kvpress {theirs.shape}")
+        # kvpress's KVzip leaves the chat template's prefix unscored (0): compare from its first scored cell
+        scored = np.nonzero(theirs.max(axis=(0, 1)) > 0)[0]
+        first = max(DEFAULT_SINK, int(scored[0]) if scored.size else 0)
+        compared = slice(first, len(tokens) - window)
         for il, head in itertools.product(range(ours.shape[0]), range(ours.shape[1])):
             a, b = ours[il, head, compared], theirs[il, head, compared]
             rows.append({"method": method, "layer": il, "head": head,

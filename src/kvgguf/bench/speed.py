@@ -177,8 +177,9 @@ def measure_length(model: str, length: int, keep: float, policies: list[str], ro
         if label in policies:
             assert isinstance(runner, LocalRunner)
             stats = runner.llm.kv_stats()
-            row.update(score_s=stats["score_s"], evict_s=stats["evict_s"], compact_s=stats["compact_s"],
-                       eviction_s=stats["score_s"] + stats["evict_s"] + stats["compact_s"],
+            n = max(1, stats["evictions"])  # kv_stats sums over the prefill rounds: per eviction
+            row.update(score_s=stats["score_s"] / n, evict_s=stats["evict_s"] / n, compact_s=stats["compact_s"] / n,
+                       eviction_s=(stats["score_s"] + stats["evict_s"] + stats["compact_s"]) / n,
                        cells_before=stats["cells_before"], cells_after=stats["cells_after"])
         rows.append(row)
         runner.close()

@@ -1,11 +1,12 @@
 """KVzip (Kim et al., 2025): score each cell by how much the model needs it to reconstruct the context.
 
-Query-agnostic: after the context is prefilled, the model is asked, through its chat template, to "Repeat the
-previous context exactly." and the context is teacher-forced after that request, in chunks of about 2K tokens
-(a later chunk's request quotes the last 8 tokens of the chunk before). The score of a context cell is the
-maximum attention any reconstruction query pays it, over the query heads of its KV group. The reconstruction runs
-after the context in the same sequence and its cells are removed afterwards (``Llama`` does the decoding with the
-attention tap, reduce rows = max, heads = max); this module says what to decode.
+Query-agnostic: after the context is prefilled (as the start of a user turn), the turn goes on with "Repeat the
+previous context exactly.", the chat template closes it and opens the assistant's answer, and the context is
+teacher-forced as that answer, in chunks of about 2K tokens (a later chunk's request quotes the last 8 tokens of
+the chunk before), as in the reference implementation. The score of a context cell is the maximum attention any
+reconstruction query (request or forced token) pays it, over the query heads of its KV group. The reconstruction
+runs after the context in the same sequence and its cells are removed afterwards (``Llama`` does the decoding with
+the attention tap, reduce rows = max, heads = max); this module says what to decode.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from .base import Policy, ScoreInput
 CHUNK_TOKENS = 2048
 QUOTED_TOKENS = 8
 FIRST_REQUEST = "Repeat the previous context exactly."
-NEXT_REQUEST = "Repeat the part of the previous context exactly, starting with "
+NEXT_REQUEST = "Repeat the part of the previous context exactly, starting with"  # then the quoted token ids
 
 
 @dataclass(frozen=True)
@@ -39,13 +40,13 @@ class KVzipPolicy(Policy):
     tap_reduce_rows = "max"
     tap_reduce_heads = "max"
 
-    def reconstruction(self, context: list[int], chunk_tokens: int, chat_request: Callable[[str], list[int]],
-                       detokenize: Callable[[list[int]], str],
+    def reconstruction(self, context: list[int], chunk_tokens: int,
+                       request: Callable[[str, list[int]], list[int]],
                        preceding: list[int] | None = None) -> list[ReconstructionChunk]:
         """The requests and forced tokens that reconstruct ``context`` in chunks of at most ``chunk_tokens``.
 
-        ``chat_request(text)`` is the model's chat template around a user message ``text``, ending with the
-        assistant header, as tokens. ``preceding``: the context's tokens before ``context`` (scored earlier, in a
+        ``request(text, quoted_ids)`` gives the request's tokens: ``text`` and the quoted context tokens, then the
+        chat template's end of the user turn and the assistant header. ``preceding``: the context's tokens before ``context`` (scored earlier, in a
         chunked prefill); the first chunk then quotes their end, like any later chunk."""
         if chunk_tokens < 1:
             raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
@@ -53,11 +54,9 @@ class KVzipPolicy(Policy):
         chunks = []
         for start in range(0, len(context), chunk_tokens):
             quoted_ids = (before + context[:start])[-QUOTED_TOKENS:]
-            if not quoted_ids:
-                request = chat_request(FIRST_REQUEST)
-            else:
-                request = chat_request(NEXT_REQUEST + detokenize(quoted_ids))
-            chunks.append(ReconstructionChunk(request=request, forced=context[start:start + chunk_tokens]))
+            text = NEXT_REQUEST if quoted_ids else FIRST_REQUEST
+            chunks.append(ReconstructionChunk(request=request(text, quoted_ids),
+                                              forced=context[start:start + chunk_tokens]))
         return chunks
 
     def score(self, inputs: ScoreInput) -> npt.NDArray[np.float32]:
