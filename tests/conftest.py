@@ -25,3 +25,11 @@ def raw_model(model_path: str):
     model = RawModel(model_path)
     yield model
     model.close()
+
+
+@pytest.fixture(scope="module")
+def llm_4k(model_path: str):
+    """A kvgguf.Llama with 4096 cells, one per test module (the modules configure it differently)."""
+    model = kvgguf.Llama(model_path, n_ctx=4096, n_batch=512, n_threads=2, verbose=False)
+    yield model
+    model.close()

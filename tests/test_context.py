@@ -29,10 +29,8 @@ def document() -> str:
 
 
 @pytest.fixture(scope="module")
-def llm(model_path):
-    model = Llama(model_path, n_ctx=4096, n_batch=512, n_threads=2, verbose=False)
-    yield model
-    model.close()
+def llm(llm_4k):
+    return llm_4k
 
 
 @pytest.fixture(scope="module")

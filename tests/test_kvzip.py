@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from kvgguf import Llama
 from kvgguf.bench import accuracy
 from kvgguf.bench.tasks import generate, score
 
@@ -13,10 +12,8 @@ KEEP = 0.2
 
 
 @pytest.fixture(scope="module")
-def llm(model_path):
-    model = Llama(model_path, n_ctx=4096, n_batch=512, n_threads=2, verbose=False)
-    yield model
-    model.close()
+def llm(llm_4k):
+    return llm_4k
 
 
 @pytest.fixture(scope="module")
