@@ -82,12 +82,10 @@ class Llama(llama_cpp.Llama):
         self._kv_cell_scores: np.ndarray | None = None
         self._kv_request_len: int | None = None
         self._kv_turn_end: list[int] | None = None
-        self._kv_head_mixed = False  # a per-head compaction since the last reset
         self._kv_chat_formatter: Jinja2ChatFormatter | None = None
         self._kv_context_chat_handler: Any = None
         self._kv_identity: ModelIdentity | None = None
         self._kv_lossy = False  # the cache is not a copy of input_ids (eviction, or a compressed context)
-        self._kv_context_in_use = False  # positions may exceed n_ctx: a compressed context was restored
         self._kv_pending_context: CompressedContext | None = None  # the next generate() starts from it
         super().__init__(model_path, *args, **kwargs)
 
@@ -155,12 +153,13 @@ class Llama(llama_cpp.Llama):
     def kv_settings(self) -> EvictionSettings | None:
         return self._kv_settings
 
-    # With eviction, the context window (n_ctx cells) no longer bounds the token positions: the parent's
-    # prompt-length check and max_tokens arithmetic must see the position limit instead.
+    # With eviction, or a lossy cache restored (a compressed context), the context window (n_ctx cells) no longer
+    # bounds the token positions: the parent's prompt-length check and max_tokens arithmetic must see the position
+    # limit instead.
     @property
     def _n_ctx(self) -> int:
         n_ctx_cells = self.__dict__["_kv_n_ctx_cells"]
-        if (self.__dict__.get("_kv_policy") is None and not self.__dict__.get("_kv_context_in_use")
+        if (self.__dict__.get("_kv_policy") is None and not self.__dict__.get("_kv_lossy")
                 and self.__dict__.get("_kv_pending_context") is None):
             return n_ctx_cells
         return max(n_ctx_cells, self._model.n_ctx_train())
@@ -197,9 +196,7 @@ class Llama(llama_cpp.Llama):
     def reset(self) -> None:
         super().reset()
         self._stop_tap()
-        self._kv_head_mixed = False
         self._kv_lossy = False
-        self._kv_context_in_use = False
         self._kv_cell_scores = None
         if "_kv_engine" in self.__dict__:
             self._kv_engine.forget_layout()
@@ -284,8 +281,7 @@ class Llama(llama_cpp.Llama):
         self.input_ids[:n_tokens] = snapshot.tokens
         self.n_tokens = n_tokens
         self._kv_engine.set_head_layout(snapshot.head_positions)
-        self._kv_head_mixed = snapshot.head_positions is not None
-        self._kv_lossy = self._kv_engine.cache.n_cells() < n_tokens or self._kv_head_mixed
+        self._kv_lossy = self._kv_engine.cache.n_cells() < n_tokens or snapshot.head_positions is not None
         return None
 
     # --- compressed contexts -----------------------------------------------------------------------------------
@@ -433,7 +429,6 @@ class Llama(llama_cpp.Llama):
         self.kv_restore(KVSnapshot(data=context.state, tokens=context.tokens, head_positions=context.head_positions))
         if not np.array_equal(self.kv_positions(), context.positions):
             raise ContextFileError("the restored cache does not hold the positions the context file lists")
-        self._kv_context_in_use = True
         self._kv_lossy = True
         if context.scores is not None and self._kv_policy is not None and self._kv_policy.name == context.policy:
             # the context's cells keep their scores; a decode-time eviction scores only what was decoded since
@@ -585,7 +580,6 @@ class Llama(llama_cpp.Llama):
         self._kv_lossy = True
         if policy.observes_reconstruction:
             self._kv_cell_scores = self._kept_scores(self._kv_last_scores["scores"])
-        self._kv_head_mixed = self._kv_head_mixed or scores.ndim == 3
 
     def _kept_scores(self, scores: np.ndarray) -> np.ndarray:
         """Per-(layer, head) ``scores`` of the cells before the last eviction, for the cells it kept."""
