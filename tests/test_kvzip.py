@@ -2,6 +2,8 @@
 each cell to repeat the context; the reconstruction's own cells are gone afterwards."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -23,6 +25,13 @@ def sample_and_tokens(llm):
     return sample, accuracy.split_prompt(llm, llm.chat_formatter(), sample)
 
 
+def template_head(llm) -> list[int]:
+    """The chat template's tokens before a user turn's content: KVzip protects them and reconstructs only the
+    context after them (as kvpress's reference does)."""
+    prompt = llm.chat_formatter()(messages=[{"role": "user", "content": "\x00"}]).prompt
+    return llm.tokenize(prompt[:prompt.index("\x00")].encode(), add_bos=False, special=True)
+
+
 @pytest.mark.parametrize("granularity", ["head", "token"])
 def test_kvzip_keeps_the_needle_before_the_question_is_known(llm, sample_and_tokens, granularity):
     sample, tokens = sample_and_tokens
@@ -30,13 +39,17 @@ def test_kvzip_keeps_the_needle_before_the_question_is_known(llm, sample_and_tok
     n_evictions = len(llm.kv_stats()["history"])
     output = accuracy.answer(llm, tokens, "query-agnostic", max_tokens=32)   # compress, then ask
     n_context = len(tokens.context)
-    target = llm.kv_settings.target_cells(n_context)
+    head = template_head(llm)
+    assert len(head) > llm.kv_settings.sink and tokens.context[:len(head)] == head
+    protected = dataclasses.replace(llm.kv_settings, sink=len(head))  # the sinks and the template's head
+    target = protected.target_cells(n_context)
     stats = llm.kv_stats()
     assert len(stats["history"]) == n_evictions + 1 and stats["history"][-1]["granularity"] == granularity
     assert stats["cells_before"] == n_context and stats["cells_after"] == target
     # the reconstruction's cells are gone: the cache holds the kept context cells, then the question and answer
     positions = llm.kv_positions()
     assert (positions < n_context).sum() == target
+    assert positions[:len(head)].tolist() == list(range(len(head)))
     assert positions[positions >= n_context].tolist() == list(range(n_context, llm.n_tokens))
     assert llm.kv_scores()["scores"].shape == (30, 3, n_context)
     assert score(sample, output) == 1.0, output

@@ -8,6 +8,7 @@ reused as a token prefix by a later call.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import os
 import time
 from collections.abc import Generator, Sequence
@@ -80,6 +81,11 @@ class Llama(llama_cpp.Llama):
         self._kv_last_scores: dict[str, np.ndarray] | None = None
         # KVzip: scores of the first cells of the cache, per (layer, KV head, cell) in cell order
         self._kv_cell_scores: np.ndarray | None = None
+        # KVzip: the prompt's first tokens that are the chat template's head (protected, not reconstructed: the
+        # context to reconstruct starts after them, as in the reference); compress() gives its own head
+        self._kv_head = 0
+        self._kv_head_hint: int | None = None
+        self._kv_default_head: list[int] | None = None
         self._kv_request_len: int | None = None
         self._kv_turn_end: list[int] | None = None
         self._kv_chat_formatter: Jinja2ChatFormatter | None = None
@@ -198,6 +204,7 @@ class Llama(llama_cpp.Llama):
         self._stop_tap()
         self._kv_lossy = False
         self._kv_cell_scores = None
+        self._kv_head = 0
         if "_kv_engine" in self.__dict__:
             self._kv_engine.forget_layout()
 
@@ -312,6 +319,7 @@ class Llama(llama_cpp.Llama):
         self._stop_tap()
         previous = self._kv_settings, self._kv_policy, self._kv_last_scores
         self._kv_settings, self._kv_policy, self._kv_last_scores = settings, settings.policy(), None
+        self._kv_head_hint = n_protected
         try:
             self.prefill(tokens)
             snapshot = self.kv_snapshot()
@@ -323,6 +331,7 @@ class Llama(llama_cpp.Llama):
             self._stop_tap()
             self._kv_settings, self._kv_policy, self._kv_last_scores = previous
             self._kv_prompt_pending = False
+            self._kv_head_hint = None
             self.reset()
         return CompressedContext(
             state=snapshot.data, tokens=snapshot.tokens.astype(np.int32), positions=positions,
@@ -430,9 +439,36 @@ class Llama(llama_cpp.Llama):
         if not np.array_equal(self.kv_positions(), context.positions):
             raise ContextFileError("the restored cache does not hold the positions the context file lists")
         self._kv_lossy = True
+        self._kv_head = context.n_protected
         if context.scores is not None and self._kv_policy is not None and self._kv_policy.name == context.policy:
             # the context's cells keep their scores; a decode-time eviction scores only what was decoded since
             self._kv_cell_scores = context.scores.copy()
+
+    def _template_head(self, system: str | None) -> tuple[ChatLayout, list[int]]:
+        """The chat template's text and tokens before a user turn's content (after a system turn with
+        ``system``; with None, the template's default)."""
+        messages = [] if system is None else [{"role": "system", "content": system}]
+        prompt = self.chat_formatter()(messages=messages + [{"role": "user", "content": CONTEXT_MARK}]).prompt
+        chat = ChatLayout(template_head=prompt[:prompt.index(CONTEXT_MARK)], separator="\n\n", system=system)
+        return chat, self.tokenize(chat.template_head.encode(), add_bos=False, special=True)
+
+    def _template_head_len(self, tokens: Sequence[int]) -> int:
+        """How many of a prompt's first tokens are the chat template's head of a user turn with the template's
+        default system prompt (kvpress's KVzip tells the context from the template the same way); compress()
+        gives the head of its own layout."""
+        if self._kv_head_hint is not None:
+            return self._kv_head_hint
+        if self._kv_default_head is None:
+            has_template = "tokenizer.chat_template" in self.metadata
+            self._kv_default_head = self._template_head(None)[1] if has_template else []
+        head = self._kv_default_head
+        return len(head) if head and list(tokens[:len(head)]) == head else 0
+
+    def _protected_head(self) -> int:
+        """The first cells never evicted: the sinks, or for KVzip the chat template's head if longer."""
+        settings = self._kv_settings
+        assert settings is not None
+        return max(settings.sink, self._kv_head)
 
     def _context_tokens(self, context: str | Sequence[int],
                         system: str | None) -> tuple[list[int], ChatLayout | None, int]:
@@ -446,10 +482,7 @@ class Llama(llama_cpp.Llama):
                 if system is not None:
                     raise ValueError("system= needs a chat template; this GGUF file has none")
                 return self.tokenize(context.encode(), add_bos=True, special=False), None, 0
-            messages = [] if system is None else [{"role": "system", "content": system}]
-            prompt = self.chat_formatter()(messages=messages + [{"role": "user", "content": CONTEXT_MARK}]).prompt
-            chat = ChatLayout(template_head=prompt[:prompt.index(CONTEXT_MARK)], separator="\n\n", system=system)
-            head = self.tokenize(chat.template_head.encode(), add_bos=False, special=True)
+            chat, head = self._template_head(system)
             body = self.tokenize(context.encode(), add_bos=False, special=False)
             return head + body, chat, len(head)
         if system is not None:
@@ -493,6 +526,8 @@ class Llama(llama_cpp.Llama):
         """Prefill in chunks that fit the cache, evicting between chunks, then evict to the budget."""
         settings = self._kv_settings
         assert settings is not None
+        if self.n_tokens == 0 and self._kv_policy is not None and self._kv_policy.observes_reconstruction:
+            self._kv_head = self._template_head_len(tokens)
         self._ctx.kv_cache_seq_rm(-1, self.n_tokens, -1)  # what the parent's eval would drop anyway
         n_prompt_cells = self._kv_engine.cache.n_cells() + len(tokens)
         n_ctx = self.n_ctx() - self._reconstruction_reserve()
@@ -515,14 +550,15 @@ class Llama(llama_cpp.Llama):
             self._eval_growing(piece)
         # leave room for the observation window (or reconstruction) of a later, decode-time eviction
         room_cap = self.n_ctx() - self._observation_window() - 2 - self._reconstruction_reserve()
-        self._evict_to(min(settings.target_cells(n_prompt_cells), room_cap))
+        target = dataclasses.replace(settings, sink=self._protected_head()).target_cells(n_prompt_cells)
+        self._evict_to(min(target, room_cap))
         self._stop_tap()
 
     def _chunk_size(self) -> int:
         settings = self._kv_settings
         assert settings is not None
         reserve = self._reconstruction_reserve()
-        room = self.n_ctx() - settings.sink - settings.window - 1 - reserve
+        room = self.n_ctx() - self._protected_head() - settings.window - 1 - reserve
         piece = self._reconstruction_piece() if reserve else self.n_batch
         return max(1, min(piece, room // 2))
 
@@ -538,10 +574,11 @@ class Llama(llama_cpp.Llama):
         # only make room: the budget is applied once the whole prompt is known (a query-aware policy sees the
         # question last). While decoding, a little slack keeps it from evicting at every step.
         n_slack = min(n_ctx // 8, 256) if slack else 0
-        self._evict_to(max(n_ctx - n_new - n_slack, settings.sink + settings.window + 1), granularity)
+        n_protected = self._protected_head() + settings.window
+        self._evict_to(max(n_ctx - n_new - n_slack, n_protected + 1), granularity)
         if self._kv_engine.cache.n_cells() + n_new > n_ctx:
             raise ValueError(f"cannot fit {n_new} new tokens into {n_ctx} cells with kv_sink + kv_window = "
-                             f"{settings.sink + settings.window} protected; use a larger n_ctx")
+                             f"{n_protected} protected; use a larger n_ctx")
 
     def _evict_to(self, n_keep: int, granularity: str | None = None) -> None:
         positions = self._kv_engine.cache.positions()
@@ -572,7 +609,7 @@ class Llama(llama_cpp.Llama):
             scores = reduce_groups(scores.reshape(-1, positions.size), scores.shape[0] * scores.shape[1], "max")[0]
         score_s = time.perf_counter() - t0
         protect = np.zeros(positions.size, dtype=bool)
-        protect[:settings.sink] = True
+        protect[:self._protected_head()] = True
         protect[max(0, positions.size - settings.window):] = True
         protect[-1] = True
         self._stop_tap()  # the scores follow cell indices, which the eviction changes
@@ -670,10 +707,15 @@ class Llama(llama_cpp.Llama):
             scores[:, :, n_known:] = np.finfo(np.float32).max
             return scores
         n_done = self.n_tokens
-        new_tokens = self.input_ids[positions[n_known:]].tolist()
-        preceding = self.input_ids[max(0, positions[n_known] - QUOTED_TOKENS):positions[n_known]].tolist()
-        if n_known == 0 and new_tokens and new_tokens[0] == self.token_bos():
-            new_tokens, preceding = new_tokens[1:], []
+        # the context to reconstruct starts after the chat template's head (or a BOS token); those cells are
+        # protected and keep score 0
+        start = max(self._kv_head, 1 if self.input_ids[0] == self.token_bos() else 0)
+        forced = positions[n_known:]
+        forced = forced[forced >= start]
+        if forced.size == 0:
+            return scores
+        new_tokens = self.input_ids[forced].tolist()
+        preceding = self.input_ids[max(start, int(forced[0]) - QUOTED_TOKENS):int(forced[0])].tolist()
         chunks = policy.reconstruction(new_tokens, min(CHUNK_TOKENS, room), self._reconstruction_request,
                                        preceding=preceding)
         new = scores[:, :, n_known:]
