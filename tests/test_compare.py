@@ -128,3 +128,22 @@ def test_kvzip_granularity_variants_from_kvpress_scores(llm, hf_model, prompt, s
     text, cells = kvpress_text(llm, hf_model, prompt, method, 0.5, "query-agnostic", eos)
     assert cells == len(prompt.context) - int(len(prompt.context) * 0.5)
     assert score(sample, text) == 1.0, text
+
+
+def test_kvzip_scores_a_context_once_for_all_ratios_and_selections(llm, hf_model, prompt, sample, eos):
+    # run_kvpress answers one sample at several ratios and selections: the second KVzip press takes the scores
+    # of the first from the memo instead of reconstructing the context again, and answers as a fresh one would
+    memo = compare.KVZIP_SCORE_MEMO
+    memo.clear()
+    first = compare.kvpress_answer(hf_model, prompt.context, prompt.question, "kvzip-head", 0.3, "query-agnostic",
+                                   eos_token_ids=eos)
+    remembered = memo.get(memo.key(hf_model, torch.tensor([prompt.context])))
+    assert remembered is not None and remembered.shape[-1] == len(prompt.context)
+    again = compare.kvpress_answer(hf_model, prompt.context, prompt.question, "kvzip-head", 0.3, "query-agnostic",
+                                   eos_token_ids=eos)
+    assert again == first
+    assert score(sample, llm.detokenize(first[0]).decode("utf-8", errors="ignore")) == 1.0
+    memo.clear()
+    fresh = compare.kvpress_scores(hf_model, prompt.context, "kvzip")
+    np.testing.assert_allclose(remembered[:, 0].to(torch.float32).numpy(), fresh, rtol=1e-6, atol=0)
+    assert memo.get(memo.key(hf_model, torch.tensor([prompt.context[:-1]]))) is None  # another context: no hit

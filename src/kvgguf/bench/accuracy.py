@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 from tqdm import tqdm
 
@@ -142,8 +143,47 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
              "accuracy": sum(v) / len(v), "n": len(v)} for k, v in sorted(groups.items())]
 
 
+def kvpress_twin(policy: str) -> str | None:
+    """kvpress's row with the same selection as our ``policy``, where the suite has one: KVzip's scores with our
+    per-head or per-token selection (``kvpress:kvzip-head`` / ``-token``), its SnapKV (per head) and its
+    StreamingLLM. ``kvpress:kvzip`` (its global selection over all layers and heads) is no twin of ours."""
+    base, granularity = policy_spec(policy)
+    if base == "kvzip":
+        return f"kvpress:kvzip-{granularity or 'head'}"
+    if base in ("snapkv", "streaming") and granularity is None:
+        return f"kvpress:{base}"
+    return None
+
+
+def paired_with_kvpress(rows: list[dict[str, Any]], resamples: int = 10_000) -> list[dict[str, Any]]:
+    """Ours against kvpress's same selection, answer by answer: per (setting, policy, keep < 1), the samples both
+    answered (same task, length and seed), both means, the mean difference (ours - kvpress) with a 95% paired
+    bootstrap interval (seeded: the same rows give the same interval), and how many answers scored differently."""
+    scores = {(r["setting"], r["policy"], r["keep"], r["task"], r["length"], r["seed"]): r["score"] for r in rows}
+    rng = np.random.default_rng(0)
+    out = []
+    configs = {(r["setting"], r["policy"], r["keep"]) for r in rows if r["keep"] < 1.0}
+    for setting, policy, keep in sorted(configs, key=lambda c: (c[0], c[1], -c[2])):
+        twin = kvpress_twin(policy)
+        if twin is None:
+            continue
+        pairs = [(value, scores[(setting, twin, keep) + key[3:]]) for key, value in scores.items()
+                 if key[:3] == (setting, policy, keep) and (setting, twin, keep) + key[3:] in scores]
+        if not pairs:
+            continue
+        ours, theirs = np.array(pairs, dtype=np.float64).T
+        diff = ours - theirs
+        means = diff[rng.integers(0, diff.size, size=(resamples, diff.size))].mean(axis=1)
+        low, high = np.quantile(means, [0.025, 0.975])
+        out.append({"setting": setting, "policy": policy, "kvpress": twin, "keep": keep, "n": int(diff.size),
+                    "ours": float(ours.mean()), "theirs": float(theirs.mean()), "difference": float(diff.mean()),
+                    "ci95": [float(low), float(high)], "n_differ": int(np.count_nonzero(diff))})
+    return out
+
+
 def markdown(summary: list[dict[str, Any]], env: dict[str, Any],
-             correlation_summary: list[dict[str, Any]] | None = None) -> str:
+             correlation_summary: list[dict[str, Any]] | None = None,
+             paired: list[dict[str, Any]] | None = None) -> str:
     lines = ["# kvgguf bench accuracy", "",
              f"`{env['command']}` — commit `{env['commit']}`, {env['cpu']}, {env['threads']} threads.", "",
              "Accuracy (fraction of expected answers found, greedy decoding), n = samples per cell. kv_keep is the "
@@ -172,6 +212,17 @@ def markdown(summary: list[dict[str, Any]], env: dict[str, Any],
                 values += [hit[0]["accuracy"]] if hit else []
             lines.append(f"| {policy} | {keep} | {length} | " + " | ".join(cells) +
                          f" | {sum(values) / len(values):.2f} |")
+        lines.append("")
+    if paired:
+        lines += ["## Beside kvpress's same selection, answer by answer", "",
+                  "Each of our answers against kvpress's on the same sample (task, length, seed), pooled over the "
+                  "tasks: means, their difference (ours - kvpress) with a 95% paired bootstrap interval, and the "
+                  "number of answers that scored differently.", "",
+                  "| setting | policy | kvpress | keep | n | ours | kvpress | difference | 95% interval | differ |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {p['setting']} | {p['policy']} | {p['kvpress']} | {p['keep']} | {p['n']} | {p['ours']:.3f} | "
+                  f"{p['theirs']:.3f} | {p['difference']:+.3f} | [{p['ci95'][0]:+.3f}, {p['ci95'][1]:+.3f}] | "
+                  f"{p['n_differ']} |" for p in paired]
         lines.append("")
     if correlation_summary:
         lines += ["## Score rank correlation with kvpress", "",
@@ -233,7 +284,10 @@ def main(args: argparse.Namespace) -> int:
     llm.close()
     summary = summarize(rows)
     results.update(summary=summary, rows=rows, environment=env)
-    report.publish("accuracy", results, lambda: markdown(summary, env, results.get("correlation_summary")),
+    if args.compare == "kvpress":
+        results["kvpress_paired"] = paired_with_kvpress(rows)
+    report.publish("accuracy", results, lambda: markdown(summary, env, results.get("correlation_summary"),
+                                                          results.get("kvpress_paired")),
                    lambda path: plot(summary, path), Path(args.output), args.threads)
     return 0
 

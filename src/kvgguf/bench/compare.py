@@ -66,6 +66,62 @@ def _streaming_press(compression_ratio: float, window: int) -> BasePress:
     return StreamingLLMPress(compression_ratio=compression_ratio, n_sink=DEFAULT_SINK)
 
 
+class _KVzipScoreMemo:
+    """The last context's KVzip score table, so that one sample's answers at several kept ratios and selections
+    score the context once: KVzip's scores depend on the model and the prefilled ids only (the ratio and the
+    selection act after scoring). One entry: ``run_kvpress`` answers every configuration of a sample in a row."""
+
+    def __init__(self) -> None:
+        self._key: tuple[int, tuple[int, ...]] | None = None
+        self._scores: torch.Tensor | None = None
+
+    @staticmethod
+    def key(model: Any, context_ids: torch.Tensor) -> tuple[int, tuple[int, ...]]:
+        return id(model), tuple(int(t) for t in context_ids.reshape(-1).tolist())
+
+    def get(self, key: tuple[int, tuple[int, ...]]) -> torch.Tensor | None:
+        return self._scores.clone() if self._scores is not None and key == self._key else None
+
+    def put(self, key: tuple[int, tuple[int, ...]], scores: torch.Tensor) -> None:
+        self._key, self._scores = key, scores.detach().clone()
+
+    def clear(self) -> None:
+        self._key, self._scores = None, None
+
+
+KVZIP_SCORE_MEMO = _KVzipScoreMemo()
+
+
+@dataclass
+class MemoKVzipPress(KVzipPress):
+    """kvpress's KVzipPress, unchanged, except that a context it has just scored (same model, same ids) is not
+    reconstructed again: the score table is taken from the memo and only ``compress_post`` (the selection) runs.
+    Skipping the reconstruction leaves the cache as the prefill left it, which is what the reconstruction's
+    forward hook restores too."""
+
+    def _perform_kvzip_compression(self, model: Any, tokenizer: Any) -> None:
+        key = KVZIP_SCORE_MEMO.key(model, self._context_ids)
+        scores = KVZIP_SCORE_MEMO.get(key)
+        if scores is None:
+            self._memo_key = key
+            super()._perform_kvzip_compression(model, tokenizer)
+            return
+        self.context_length = self._context_ids.shape[1]
+        self.score_val = scores
+        self.compress_post(model)
+
+    def compress_post(self, model: Any) -> None:
+        key = getattr(self, "_memo_key", None)
+        if key is not None:  # fresh scores, kept before the selection raises the sinks in place
+            KVZIP_SCORE_MEMO.put(key, self.score_val)
+            self._memo_key = None
+        self.select(model)
+
+    def select(self, model: Any) -> None:
+        """Mask the lowest-scoring cells: kvpress's own global selection."""
+        super().compress_post(model)
+
+
 def _kvzip_press(compression_ratio: float, window: int) -> BasePress:
     """kvpress's KVzip: after the prefill, the model is asked to repeat the prefilled context ("Repeat the
     previous context exactly." + the chat template's assistant header + the context again, in chunks of 2048
@@ -78,14 +134,14 @@ def _kvzip_press(compression_ratio: float, window: int) -> BasePress:
     ``model(input_ids=...)`` inside ``with press(model)`` (it wraps ``model.model.forward`` to catch the ids and
     the cache, and scores when the block exits); a tokenizer, which it loads from ``model.config.name_or_path``
     (for a GGUF model ``_pressed`` hands it the GGUF file's tokenizer) to tokenize its repeat prompt and to
-    find the chat template's prefix and assistant header. It costs about 4 plain prefills. ``window`` is
-    unused."""
+    find the chat template's prefix and assistant header. It costs about 4 plain prefills, once per context
+    (MemoKVzipPress). ``window`` is unused."""
     del window
-    return KVzipPress(compression_ratio=compression_ratio, n_sink=DEFAULT_SINK)
+    return MemoKVzipPress(compression_ratio=compression_ratio, n_sink=DEFAULT_SINK)
 
 
 @dataclass
-class KVzipGranularityPress(KVzipPress):
+class KVzipGranularityPress(MemoKVzipPress):
     """kvpress's KVzip scores, with our selections instead of its global one: ``"head"`` masks the lowest
     ``compression_ratio`` of the cells in every (layer, KV head) alike (equal budgets, our kv_granularity="head"),
     ``"token"`` masks the same cells everywhere, ranked by their max score over layers and heads (ours
@@ -93,7 +149,7 @@ class KVzipGranularityPress(KVzipPress):
 
     granularity: str = "head"
 
-    def compress_post(self, model: Any) -> None:
+    def select(self, model: Any) -> None:
         if self.compression_ratio <= 0:
             return
         scores = self.score_val[:, 0]  # [n_layer, n_head_kv, n_tokens] (batch 1)
