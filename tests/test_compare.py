@@ -8,6 +8,7 @@ StreamingLLM does not.
 """
 from __future__ import annotations
 
+import math
 import numpy as np
 import pytest
 import torch  # the [test] extra installs torch (CPU), transformers, kvpress and scipy
@@ -123,10 +124,16 @@ def test_bad_names_raise(hf_model):
 
 
 @pytest.mark.parametrize("method", ["kvzip-head", "kvzip-token"])
-def test_kvzip_granularity_variants_from_kvpress_scores(llm, hf_model, prompt, sample, eos, method):
-    # kvpress's KVzip scores with our two selections (equal budgets per head, or one decision per token)
+def test_kvzip_granularity_variants_from_kvpress_scores(llm, formatter, hf_model, prompt, sample, eos, method):
+    # kvpress's KVzip scores with our two selections (equal budgets per head, or one decision per token) and our
+    # budget: the chat template's head (what precedes a user message) and the last 32 cells protected, then
+    # ceil(keep x the rest)
     text, cells = kvpress_text(llm, hf_model, prompt, method, 0.5, "query-agnostic", eos)
-    assert cells == len(prompt.context) - int(len(prompt.context) * 0.5)
+    templated = formatter(messages=[{"role": "user", "content": "CONTEXT"}]).prompt
+    head = len(llm.tokenize(templated[:templated.index("CONTEXT")].encode(), add_bos=False, special=True))
+    assert 4 < head < 64
+    n_protected = head + 32
+    assert cells == n_protected + math.ceil(0.5 * (len(prompt.context) - n_protected))
     assert score(sample, text) == 1.0, text
 
 

@@ -6,7 +6,8 @@ of it in llama.cpp". kvpress's ``compression_ratio`` is the fraction removed: co
 
 How the budgets differ: kvpress keeps ``int(n * (1 - ratio))`` of all n cells (its SnapKV window and
 StreamingLLM sinks count inside that number); kvgguf keeps ``sink + window + ceil(keep * (n - sink - window))``.
-At keep 0.5 and 1K tokens that is 512 against 530 cells.
+At keep 0.5 and 1K tokens that is 512 against 530 cells. ``kvpress:kvzip-head`` / ``kvpress:kvzip-token`` (KVzip's
+scores with our selections) keep exactly our budget and protect our cells.
 
 The decoding loop mirrors kvpress's own pipeline (``kvpress/pipeline.py``): the press compresses during a
 prefill, the rest of the prompt is fed with explicit position ids that continue after the *uncompressed*
@@ -35,7 +36,7 @@ from tqdm import tqdm
 from .._native import llama_cpp_api
 from ..llama import Llama
 from ..policies import POLICIES
-from ..settings import DEFAULT_SINK
+from ..settings import DEFAULT_SINK, DEFAULT_WINDOW, validate_settings
 from . import report
 from .accuracy import SETTINGS
 from .tasks import Sample, score
@@ -142,21 +143,28 @@ def _kvzip_press(compression_ratio: float, window: int) -> BasePress:
 
 @dataclass
 class KVzipGranularityPress(MemoKVzipPress):
-    """kvpress's KVzip scores, with our selections instead of its global one: ``"head"`` masks the lowest
-    ``compression_ratio`` of the cells in every (layer, KV head) alike (equal budgets, our kv_granularity="head"),
-    ``"token"`` masks the same cells everywhere, ranked by their max score over layers and heads (ours
-    kv_granularity="token"). The first ``n_sink`` cells are kept, as in KVzipPress."""
+    """kvpress's KVzip scores with our selection instead of its global one, so that the two differ in the scores
+    and the engine only: our budget (``EvictionSettings.target_cells`` with the chat template's prefix as the
+    protected head, as our KVzip protects it, and our window) and our protected cells (that prefix, at least
+    ``n_sink``, and the last ``window`` cells, in every head). ``"head"`` keeps the best of the rest in every
+    (layer, KV head) alike (equal budgets, our kv_granularity="head"); ``"token"`` keeps the same cells
+    everywhere, ranked by their max score over layers and heads (ours kv_granularity="token")."""
 
     granularity: str = "head"
+    window: int = DEFAULT_WINDOW
 
     def select(self, model: Any) -> None:
         if self.compression_ratio <= 0:
             return
         scores = self.score_val[:, 0]  # [n_layer, n_head_kv, n_tokens] (batch 1)
         n_layer, n_head_kv, n_tokens = scores.shape
+        head = max(self.n_sink, self.prefix_length)
+        keep = round(1.0 - self.compression_ratio, 9)
+        target = validate_settings("kvzip", kv_keep=keep, kv_window=self.window, kv_sink=head).target_cells(n_tokens)
         scores = scores.clone()
-        scores[..., : self.n_sink] = scores.amax() + 1.0
-        n_pruned = int(n_tokens * self.compression_ratio)
+        scores[..., :head] = scores.amax() + 1.0
+        scores[..., n_tokens - self.window:] = scores.amax() + 1.0
+        n_pruned = n_tokens - target
         if self.granularity == "token":
             pruned = torch.topk(-scores.amax(dim=(0, 1)), n_pruned).indices.cpu()
             per_head = pruned.repeat(n_layer, n_head_kv, 1)
@@ -173,14 +181,14 @@ class KVzipGranularityPress(MemoKVzipPress):
 
 def _kvzip_head_press(compression_ratio: float, window: int) -> BasePress:
     """kvpress's KVzip scores, equal budgets per (layer, KV head) (see KVzipGranularityPress)."""
-    del window
-    return KVzipGranularityPress(compression_ratio=compression_ratio, n_sink=DEFAULT_SINK, granularity="head")
+    return KVzipGranularityPress(compression_ratio=compression_ratio, n_sink=DEFAULT_SINK, granularity="head",
+                                 window=window)
 
 
 def _kvzip_token_press(compression_ratio: float, window: int) -> BasePress:
     """kvpress's KVzip scores, one decision per token (see KVzipGranularityPress)."""
-    del window
-    return KVzipGranularityPress(compression_ratio=compression_ratio, n_sink=DEFAULT_SINK, granularity="token")
+    return KVzipGranularityPress(compression_ratio=compression_ratio, n_sink=DEFAULT_SINK, granularity="token",
+                                 window=window)
 
 
 KVPRESS_METHODS: dict[str, Callable[[float, int], BasePress]] = {
