@@ -101,21 +101,17 @@ class MemoKVzipPress(KVzipPress):
     forward hook restores too."""
 
     def _perform_kvzip_compression(self, model: Any, tokenizer: Any) -> None:
-        key = KVZIP_SCORE_MEMO.key(model, self._context_ids)
-        scores = KVZIP_SCORE_MEMO.get(key)
+        scores = KVZIP_SCORE_MEMO.get(KVZIP_SCORE_MEMO.key(model, self._context_ids))
         if scores is None:
-            self._memo_key = key
-            super()._perform_kvzip_compression(model, tokenizer)
+            super()._perform_kvzip_compression(model, tokenizer)  # reconstructs, then calls compress_post
             return
         self.context_length = self._context_ids.shape[1]
         self.score_val = scores
         self.compress_post(model)
 
     def compress_post(self, model: Any) -> None:
-        key = getattr(self, "_memo_key", None)
-        if key is not None:  # fresh scores, kept before the selection raises the sinks in place
-            KVZIP_SCORE_MEMO.put(key, self.score_val)
-            self._memo_key = None
+        # the table is remembered before the selection raises the sinks in place
+        KVZIP_SCORE_MEMO.put(KVZIP_SCORE_MEMO.key(model, self._context_ids), self.score_val)
         self.select(model)
 
     def select(self, model: Any) -> None:
@@ -162,8 +158,9 @@ class KVzipGranularityPress(MemoKVzipPress):
         keep = round(1.0 - self.compression_ratio, 9)
         target = validate_settings("kvzip", kv_keep=keep, kv_window=self.window, kv_sink=head).target_cells(n_tokens)
         scores = scores.clone()
-        scores[..., :head] = scores.amax() + 1.0
-        scores[..., n_tokens - self.window:] = scores.amax() + 1.0
+        protected = scores.amax() + 1.0
+        scores[..., :head] = protected
+        scores[..., n_tokens - self.window:] = protected
         n_pruned = n_tokens - target
         if self.granularity == "token":
             pruned = torch.topk(-scores.amax(dim=(0, 1)), n_pruned).indices.cpu()
