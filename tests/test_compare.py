@@ -137,11 +137,19 @@ def test_kvzip_granularity_variants_from_kvpress_scores(llm, formatter, hf_model
     assert score(sample, text) == 1.0, text
 
 
-def test_kvzip_scores_a_context_once_for_all_ratios_and_selections(llm, hf_model, prompt, sample, eos):
+def test_kvzip_scores_a_context_once_for_all_ratios_and_selections(llm, hf_model, prompt, sample, eos, monkeypatch):
     # run_kvpress answers one sample at several ratios and selections: the second KVzip press takes the scores
     # of the first from the memo instead of reconstructing the context again, and answers as a fresh one would
     memo = compare.KVZIP_SCORE_MEMO
     memo.clear()
+    reconstructions = []
+    prepare = compare.KVzipPress.prepare  # builds the reconstruction chunks: called once per scoring
+
+    def counting_prepare(self, *args, **kwargs):
+        reconstructions.append(len(self._context_ids[0]))
+        return prepare(self, *args, **kwargs)
+
+    monkeypatch.setattr(compare.KVzipPress, "prepare", counting_prepare)
     first = compare.kvpress_answer(hf_model, prompt.context, prompt.question, "kvzip-head", 0.3, "query-agnostic",
                                    eos_token_ids=eos)
     remembered = memo.get(memo.key(hf_model, torch.tensor([prompt.context])))
@@ -149,6 +157,7 @@ def test_kvzip_scores_a_context_once_for_all_ratios_and_selections(llm, hf_model
     again = compare.kvpress_answer(hf_model, prompt.context, prompt.question, "kvzip-head", 0.3, "query-agnostic",
                                    eos_token_ids=eos)
     assert again == first
+    assert reconstructions == [len(prompt.context)]  # the second answer did not reconstruct
     assert score(sample, llm.detokenize(first[0]).decode("utf-8", errors="ignore")) == 1.0
     memo.clear()
     fresh = compare.kvpress_scores(hf_model, prompt.context, "kvzip")
