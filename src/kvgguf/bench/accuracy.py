@@ -91,12 +91,14 @@ def shared_prefix(llm: Llama, tokens: PromptTokens, window: int) -> tuple[int, K
     return n, llm.kv_snapshot()
 
 
-def prepare(llm: Llama, tasks: list[str], lengths: list[int], samples: int) -> list[tuple[Sample, PromptTokens]]:
-    """Every (task, length, seed) sample with its chat-formatted tokens: the same for every configuration."""
+def prepare(llm: Llama, tasks: list[str], lengths: list[int], samples: int,
+            first_seed: int = 0) -> list[tuple[Sample, PromptTokens]]:
+    """Every (task, length, seed) sample, seeds ``first_seed`` .. ``first_seed + samples - 1``, with its
+    chat-formatted tokens: the same for every configuration."""
     formatter = llm.chat_formatter()
     count = lambda text: len(llm.tokenize(text.encode(), add_bos=False))  # noqa: E731
     jobs = []
-    for task, length, seed in itertools.product(tasks, lengths, range(samples)):
+    for task, length, seed in itertools.product(tasks, lengths, range(first_seed, first_seed + samples)):
         sample = generate(task, length, seed, count)
         jobs.append((sample, split_prompt(llm, formatter, sample)))
     return jobs
@@ -275,10 +277,11 @@ def main(args: argparse.Namespace) -> int:
     llm = Llama(model, n_ctx=report.cells_for([policy_spec(p)[0] for p in args.policies], max(lengths) + 256),
                 n_batch=512, n_threads=args.threads,
                 n_threads_batch=args.threads, verbose=False)
-    jobs = prepare(llm, args.tasks, lengths, samples)
+    jobs = prepare(llm, args.tasks, lengths, samples, args.first_seed)
     rows = run(llm, jobs, keeps, args.policies, args.settings)
     results: dict[str, Any] = {"model": Path(model).name, "profile": "quick" if args.quick else "full",
-                               "lengths": lengths, "keeps": keeps, "samples": samples}
+                               "lengths": lengths, "keeps": keeps, "samples": samples,
+                               "first_seed": args.first_seed}
     if args.compare == "kvpress":
         rows += compare_kvpress(model, llm, jobs, keeps, args.kvpress_methods, args.settings, args.threads, results)
     llm.close()
@@ -336,6 +339,13 @@ def _floats(text: str) -> list[float]:
     return [float(x) for x in text.split(",")]
 
 
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
 def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",")]
 
@@ -351,6 +361,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lengths", type=_ints, help="context lengths in tokens, comma-separated")
     parser.add_argument("--keeps", type=_floats, help="kept ratios, comma-separated (1.0 = full cache)")
     parser.add_argument("--samples", type=int, help="samples per task and length")
+    parser.add_argument("--first-seed", type=_non_negative, default=0,
+                        help="seed of the first sample (seeds first .. first + samples - 1): a run can be split "
+                        "into runs of disjoint seeds and their results merged with 'kvgguf bench merge-accuracy'")
     parser.add_argument("--compare", choices=["kvpress"], help="also run kvpress's presses (PyTorch, masking) on the "
                         "same model and prompts; needs the [compare] extra")
     parser.add_argument("--kvpress-methods", type=lambda t: t.split(","), default=["snapkv", "streaming", "kvzip"],
