@@ -138,3 +138,41 @@ def test_paired_comparison_with_kvpress_counts_each_sample_once():
     low, high = paired["ci95"]
     assert low == 0.0 and 0.25 < high <= 1.0  # P(no differing answer drawn) = 0.75 ** 4 > 2.5%
     assert paired_with_kvpress(rows) == [paired]  # seeded: the same rows give the same interval
+
+
+def test_bench_accuracy_runs_of_disjoint_seeds_merge_into_one(tmp_path, model_path, capsys):
+    arguments = ["bench", "accuracy", "-m", model_path, "--tasks", "niah_single", "--lengths", "256", "--samples",
+                 "1", "--keeps", "1.0,0.5", "--policies", "streaming", "--settings", "query-agnostic"]
+    for first_seed in (0, 1):
+        assert main(arguments + ["--first-seed", str(first_seed), "-o", str(tmp_path / str(first_seed))]) == 0
+    parts = [json.loads((tmp_path / seed / "accuracy.json").read_text()) for seed in ("0", "1")]
+    assert [{row["seed"] for row in part["rows"]} for part in parts] == [{0}, {1}]
+    assert parts[0]["rows"][0]["output"] != parts[1]["rows"][0]["output"]  # two different samples
+
+    files = [str(tmp_path / seed / "accuracy.json") for seed in ("0", "1")]
+    assert main(["bench", "merge-accuracy", *files, "-o", str(tmp_path / "merged")]) == 0
+    merged = json.loads((tmp_path / "merged" / "accuracy.json").read_text())
+    schema.check("accuracy", merged)
+    assert merged["rows"] == parts[0]["rows"] + parts[1]["rows"]
+    assert (merged["samples"], merged["first_seed"]) == (2, 0)
+    for cell in merged["summary"]:
+        scores = [row["score"] for row in merged["rows"] if (row["policy"], row["keep"]) == (cell["policy"],
+                                                                                           cell["keep"])]
+        assert cell["n"] == 2 and cell["accuracy"] == sum(scores) / 2
+    assert [part["file"] for part in merged["environment"]["parts"]] == files
+    assert "Merged from runs of disjoint seeds" in (tmp_path / "merged" / "accuracy.md").read_text()
+
+    # the same seeds twice, or another configuration: refused by name, nothing written
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["bench", "merge-accuracy", files[0], files[0], "-o", str(tmp_path / "twice")])
+    assert "seed 0 of niah_single at 256 tokens is also in" in capsys.readouterr().err
+    parts[1]["keeps"] = [1.0, 0.3]
+    (tmp_path / "other.json").write_text(json.dumps(parts[1]))
+    with pytest.raises(SystemExit):
+        main(["bench", "merge-accuracy", files[0], str(tmp_path / "other.json"), "-o", str(tmp_path / "other")])
+    assert "keeps [1.0, 0.3] differs" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["bench", "merge-accuracy", str(tmp_path / "missing.json")])
+    assert "cannot read accuracy results" in capsys.readouterr().err
+    assert not (tmp_path / "twice").exists() and not (tmp_path / "other").exists()

@@ -81,6 +81,10 @@ def main(argv: list[str] | None = None) -> int:
     accuracy_parser = suites.add_parser("accuracy", help="accuracy vs kept ratio on generated long-context tasks")
     accuracy.add_arguments(accuracy_parser)
     accuracy_parser.set_defaults(run=accuracy.main)
+    merge_parser = suites.add_parser("merge-accuracy", help="merge 'bench accuracy' results of disjoint seeds "
+                                                            "(--first-seed) into one")
+    accuracy.add_merge_arguments(merge_parser)
+    merge_parser.set_defaults(run=accuracy.merge_main)
     memory_parser = suites.add_parser("memory", help="KV bytes and peak RSS: a prompt 4x n_ctx with eviction vs "
                                                      "the full cache")
     memory.add_arguments(memory_parser)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from ..llama import KVSnapshot, Llama
 from ..models import resolve_model
 from ..policies import POLICIES
 from ..settings import DEFAULT_WINDOW, GRANULARITIES, validate_settings
-from . import report
+from . import report, schema
 from .tasks import TASKS, Sample, generate, score
 
 
@@ -191,6 +192,10 @@ def markdown(summary: list[dict[str, Any]], env: dict[str, Any],
              "Accuracy (fraction of expected answers found, greedy decoding), n = samples per cell. kv_keep is the "
              "fraction of the prompt's evictable cells kept (kvpress's compression_ratio = 1 - kv_keep); 1.0 is "
              "the full cache. `mean` is the unweighted mean over the tasks of the row.", ""]
+    if env.get("parts"):
+        lines += ["Merged from runs of disjoint seeds:", ""]
+        lines += [f"- `{part['command']}` — commit `{part['commit']}`, {part['date']}" for part in env["parts"]]
+        lines.append("")
     if any(s["policy"].startswith("kvpress:") for s in summary):
         lines += ["Rows `kvpress:<press>` are kvpress's presses on the same model (transformers, weights "
                   "dequantized from the same GGUF file) and the same token ids, at the same kv_keep. kvpress does "
@@ -293,6 +298,76 @@ def main(args: argparse.Namespace) -> int:
                                                           results.get("kvpress_paired")),
                    lambda path: plot(summary, path), Path(args.output), args.threads)
     return 0
+
+
+ROW_KEY = ("setting", "policy", "keep", "task", "length", "seed")
+
+
+def merge(parts: list[dict[str, Any]], names: list[str]) -> dict[str, Any]:
+    """One result from ``bench accuracy`` results of the same configuration over disjoint seeds (``names`` label
+    the parts in errors): the rows of all, the summary and the paired comparison recomputed over them, kvpress's
+    score correlations from the first part that has them. Raises ValueError naming the part that does not fit."""
+    if not parts:
+        raise ValueError("nothing to merge: give at least one accuracy.json")
+    first = parts[0]
+    configs = lambda result: {tuple(row[k] for k in ROW_KEY[:5]) for row in result["rows"]}  # noqa: E731
+    seen: dict[tuple, str] = {}
+    for part, name in zip(parts, names, strict=True):
+        try:
+            schema.check("accuracy", part)
+        except ValueError as error:
+            raise ValueError(f"{name} is no 'bench accuracy' result: {error}")
+        for key in ("model", "lengths", "keeps"):
+            if part[key] != first[key]:
+                raise ValueError(f"{name}: {key} {part[key]!r} differs from {names[0]}'s {first[key]!r}")
+        if configs(part) != configs(first):
+            extra = sorted(configs(part) ^ configs(first), key=str)[0]
+            raise ValueError(f"{name}: the (setting, policy, keep, task, length) {extra} is in only one of "
+                             f"{name} and {names[0]}")
+        for row in part["rows"]:
+            key = tuple(row[k] for k in ROW_KEY)
+            if key in seen:
+                raise ValueError(f"{name}: seed {row['seed']} of {row['task']} at {row['length']} tokens is "
+                                 f"also in {seen[key]}; merge runs of disjoint seeds (--first-seed)")
+            seen[key] = name
+    rows = [row for part in parts for row in part["rows"]]
+    seeds = sorted({row["seed"] for row in rows})
+    merged: dict[str, Any] = {key: value for key, value in first.items()
+                              if key not in ("rows", "summary", "kvpress_paired", "environment")}
+    for part in parts:
+        if "correlation_summary" in part and "correlation_summary" not in merged:
+            merged.update({key: part[key] for key in ("kvpress_version", "correlations", "correlation_summary")})
+    merged.update(samples=len(seeds), first_seed=seeds[0], rows=rows, summary=summarize(rows))
+    if any(row["policy"].startswith("kvpress:") for row in rows):
+        merged["kvpress_paired"] = paired_with_kvpress(rows)
+    environment = report.environment(first["environment"]["threads"])
+    environment["parts"] = [{"file": name, **{key: part["environment"].get(key) for key in
+                                              ("command", "commit", "date", "load_average", "load_average_end")}}
+                            for part, name in zip(parts, names, strict=True)]
+    merged["environment"] = environment
+    return merged
+
+
+def merge_main(args: argparse.Namespace) -> int:
+    """``kvgguf bench merge-accuracy``: merge accuracy.json files of disjoint seeds and write the result."""
+    parts = []
+    for path in args.results:
+        try:
+            parts.append(json.loads(Path(path).read_text()))
+        except (OSError, json.JSONDecodeError) as error:
+            raise ValueError(f"cannot read accuracy results {path!r}: {error}")
+    results = merge(parts, list(args.results))
+    env = results["environment"]
+    report.publish("accuracy", results, lambda: markdown(results["summary"], env,
+                                                          results.get("correlation_summary"),
+                                                          results.get("kvpress_paired")),
+                   lambda path: plot(results["summary"], path), Path(args.output), env["threads"])
+    return 0
+
+
+def add_merge_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("results", nargs="+", help="accuracy.json files of runs that differ only in their seeds")
+    parser.add_argument("-o", "--output", default=str(report.DEFAULT_OUTPUT), help="folder for JSON/markdown/PNG")
 
 
 def compare_kvpress(model: str, llm: Llama, jobs: list[tuple[Sample, PromptTokens]], keeps: list[float],
