@@ -141,10 +141,11 @@ def test_paired_comparison_with_kvpress_counts_each_sample_once():
 
 
 def test_bench_accuracy_runs_of_disjoint_seeds_merge_into_one(tmp_path, model_path, capsys):
-    arguments = ["bench", "accuracy", "-m", model_path, "--tasks", "niah_single", "--lengths", "256", "--samples",
-                 "1", "--keeps", "1.0,0.5", "--policies", "streaming", "--settings", "query-agnostic"]
+    arguments = ["bench", "accuracy", "-m", model_path, "--tasks", "niah_single", "--lengths", "256", "--keeps",
+                 "1.0,0.5", "--policies", "streaming", "--settings", "query-agnostic"]
     for first_seed in (0, 1):
-        assert main(arguments + ["--first-seed", str(first_seed), "-o", str(tmp_path / str(first_seed))]) == 0
+        assert main(arguments + ["--samples", "1", "--first-seed", str(first_seed),
+                                 "-o", str(tmp_path / str(first_seed))]) == 0
     parts = [json.loads((tmp_path / seed / "accuracy.json").read_text()) for seed in ("0", "1")]
     assert [{row["seed"] for row in part["rows"]} for part in parts] == [{0}, {1}]
     assert parts[0]["rows"][0]["output"] != parts[1]["rows"][0]["output"]  # two different samples
@@ -160,6 +161,10 @@ def test_bench_accuracy_runs_of_disjoint_seeds_merge_into_one(tmp_path, model_pa
                                                                                            cell["keep"])]
         assert cell["n"] == 2 and cell["accuracy"] == sum(scores) / 2
     assert [part["file"] for part in merged["environment"]["parts"]] == files
+    # the same as one run over both seeds
+    assert main(arguments + ["--samples", "2", "-o", str(tmp_path / "both")]) == 0
+    both = json.loads((tmp_path / "both" / "accuracy.json").read_text())
+    assert both["rows"] == merged["rows"] and both["summary"] == merged["summary"]
     assert "Merged from runs of disjoint seeds" in (tmp_path / "merged" / "accuracy.md").read_text()
 
     # the same seeds twice, or another configuration: refused by name, nothing written
