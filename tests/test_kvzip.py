@@ -55,6 +55,31 @@ def test_kvzip_keeps_the_needle_before_the_question_is_known(llm, sample_and_tok
     assert score(sample, output) == 1.0, output
 
 
+def test_a_prompt_continued_after_a_snapshot_is_compressed_as_one_prefill(llm, sample_and_tokens):
+    """The template head is read off the whole prompt, also when its start was decoded without eviction and
+    restored from a snapshot (what bench accuracy does to share a sample's prefix between configurations): it is
+    protected and not reconstructed, so the cells kept are those of one plain prefill."""
+    sample, tokens = sample_and_tokens
+    head = template_head(llm)
+    llm.configure_kv_eviction("kvzip", kv_keep=KEEP, kv_granularity="token")
+    llm.prefill(tokens.context)
+    kept_in_one, scores_in_one = llm.kv_positions().copy(), llm.kv_scores()["scores"].copy()
+
+    prefix = accuracy.shared_prefix(llm, tokens, window=32)  # eviction off, snapshot after all but 32 tokens
+    llm.configure_kv_eviction("kvzip", kv_keep=KEEP, kv_granularity="token")
+    output = accuracy.answer(llm, tokens, "query-agnostic", max_tokens=32, prefix=prefix)
+    n_context = len(tokens.context)
+    assert llm.kv_stats()["cells_after"] == dataclasses.replace(llm.kv_settings, sink=len(head)).target_cells(
+        n_context)
+    # the reconstruction was the same as after one prefill (the head not reconstructed), so were its scores
+    np.testing.assert_allclose(llm.kv_scores()["scores"], scores_in_one, rtol=1e-4, atol=1e-6)
+    positions = llm.kv_positions()
+    kept = positions[positions < n_context]
+    assert kept[:len(head)].tolist() == list(range(len(head)))
+    assert kept.tolist() == kept_in_one.tolist()
+    assert score(sample, output) == 1.0, output
+
+
 def test_snapkv_at_the_same_budget_loses_it(llm, sample_and_tokens):
     sample, tokens = sample_and_tokens
     llm.configure_kv_eviction("snapkv", kv_keep=KEEP)

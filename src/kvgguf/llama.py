@@ -526,8 +526,10 @@ class Llama(llama_cpp.Llama):
         """Prefill in chunks that fit the cache, evicting between chunks, then evict to the budget."""
         settings = self._kv_settings
         assert settings is not None
-        if self.n_tokens == 0 and self._kv_policy is not None and self._kv_policy.observes_reconstruction:
-            self._kv_head = self._template_head_len(tokens)
+        if self._kv_policy is not None and self._kv_policy.observes_reconstruction and not self._kv_lossy:
+            # the cache holds every token so far as decoded: the head is read off the whole prompt, however it
+            # arrives (one prefill, or continuing a restored snapshot or an earlier prefill without eviction)
+            self._kv_head = self._template_head_len(self.input_ids[:self.n_tokens].tolist() + tokens)
         self._ctx.kv_cache_seq_rm(-1, self.n_tokens, -1)  # what the parent's eval would drop anyway
         n_prompt_cells = self._kv_engine.cache.n_cells() + len(tokens)
         n_ctx = self.n_ctx() - self._reconstruction_reserve()
