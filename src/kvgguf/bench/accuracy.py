@@ -290,14 +290,20 @@ def main(args: argparse.Namespace) -> int:
     if args.compare == "kvpress":
         rows += compare_kvpress(model, llm, jobs, keeps, args.kvpress_methods, args.settings, args.threads, results)
     llm.close()
-    summary = summarize(rows)
-    results.update(summary=summary, rows=rows, environment=env)
+    results.update(summary=summarize(rows), rows=rows, environment=env)
     if args.compare == "kvpress":
         results["kvpress_paired"] = paired_with_kvpress(rows)
-    report.publish("accuracy", results, lambda: markdown(summary, env, results.get("correlation_summary"),
-                                                          results.get("kvpress_paired")),
-                   lambda path: plot(summary, path), Path(args.output), args.threads)
+    publish(results, Path(args.output))
     return 0
+
+
+def publish(results: dict[str, Any], output: Path) -> list[Path]:
+    """Write a result (a run's or a merge's) as accuracy.json, .md and .png into ``output``."""
+    env = results["environment"]
+    return report.publish("accuracy", results,
+                          lambda: markdown(results["summary"], env, results.get("correlation_summary"),
+                                           results.get("kvpress_paired")),
+                          lambda path: plot(results["summary"], path), output, env["threads"])
 
 
 ROW_KEY = ("setting", "policy", "keep", "task", "length", "seed")
@@ -311,6 +317,7 @@ def merge(parts: list[dict[str, Any]], names: list[str]) -> dict[str, Any]:
         raise ValueError("nothing to merge: give at least one accuracy.json")
     first = parts[0]
     configs = lambda result: {tuple(row[k] for k in ROW_KEY[:5]) for row in result["rows"]}  # noqa: E731
+    first_configs = configs(first)
     seen: dict[tuple, str] = {}
     for part, name in zip(parts, names, strict=True):
         try:
@@ -320,8 +327,9 @@ def merge(parts: list[dict[str, Any]], names: list[str]) -> dict[str, Any]:
         for key in ("model", "lengths", "keeps"):
             if part[key] != first[key]:
                 raise ValueError(f"{name}: {key} {part[key]!r} differs from {names[0]}'s {first[key]!r}")
-        if configs(part) != configs(first):
-            extra = sorted(configs(part) ^ configs(first), key=str)[0]
+        part_configs = configs(part)
+        if part_configs != first_configs:
+            extra = sorted(part_configs ^ first_configs, key=str)[0]
             raise ValueError(f"{name}: the (setting, policy, keep, task, length) {extra} is in only one of "
                              f"{name} and {names[0]}")
         for row in part["rows"]:
@@ -356,12 +364,7 @@ def merge_main(args: argparse.Namespace) -> int:
             parts.append(json.loads(Path(path).read_text()))
         except (OSError, json.JSONDecodeError) as error:
             raise ValueError(f"cannot read accuracy results {path!r}: {error}")
-    results = merge(parts, list(args.results))
-    env = results["environment"]
-    report.publish("accuracy", results, lambda: markdown(results["summary"], env,
-                                                          results.get("correlation_summary"),
-                                                          results.get("kvpress_paired")),
-                   lambda path: plot(results["summary"], path), Path(args.output), env["threads"])
+    publish(merge(parts, list(args.results)), Path(args.output))
     return 0
 
 
