@@ -375,12 +375,14 @@ def add_merge_arguments(parser: argparse.ArgumentParser) -> None:
 
 def compare_kvpress(model: str, llm: Llama, jobs: list[tuple[Sample, PromptTokens]], keeps: list[float],
                     methods: list[str], settings: list[str], threads: int, results: dict[str, Any]) -> list[dict]:
-    """kvpress's presses on the same model (transformers, from the same GGUF file) and the same token ids; adds
-    the score correlations on the first job's query-aware prompt to ``results``; returns the answer rows."""
+    """kvpress's presses on the same model (transformers, from the same GGUF file, ``threads`` torch threads) and
+    the same token ids; adds the score correlations on the first job's query-aware prompt to ``results``; returns
+    the answer rows."""
     try:
         from . import compare
     except ImportError as error:
         raise ValueError(f"--compare kvpress needs the [compare] extra (pip install 'kvgguf[compare]'): {error}")
+    compare.torch.set_num_threads(threads)  # --threads governs both engines, as the result records
     ours = [method for method in methods if method in POLICIES]
     first = jobs[0][1]
     correlations = compare.score_correlations(model, first.context + first.question, ours, threads=threads)
