@@ -731,11 +731,11 @@ class Llama(llama_cpp.Llama):
         chunks = policy.reconstruction(new_tokens, min(CHUNK_TOKENS, room), self._reconstruction_request,
                                        preceding=preceding)
         new = scores[:, :, n_known:]
+        batch = self._reconstruction_batch()
         for chunk in chunks:
             # every reconstruction query observes, the request's as the forced tokens' (as in the reference)
             queries = chunk.request + chunk.forced
             self._start_tap(n_done, n_done + len(queries))
-            batch = self._reconstruction_batch()
             for start in range(0, len(queries), batch):
                 self._eval_growing(queries[start:start + batch])
             np.maximum(new, self._kv_tap.scores(SEQ_ID)[:, :, n_known:n_cells], out=new)
