@@ -38,7 +38,7 @@ def llm(llm_4k):
 
 @pytest.fixture(scope="module")
 def context(llm) -> CompressedContext:
-    return llm.compress(document(), keep=KEEP)   # kvzip, per KV head: no question exists yet
+    return llm.compress(document(), keep=KEEP, granularity="head")   # kvzip, per KV head: no question exists yet
 
 
 def test_three_questions_from_one_compressed_context(llm, context):
@@ -143,13 +143,19 @@ def test_bad_compress_arguments_are_refused(llm, context, arguments, message):
         llm.compress("")
 
 
-def test_system_prompt_and_template_are_kept_in_every_head(llm):
+@pytest.mark.parametrize("granularity", ["head", None])   # None: kvzip's default, per token
+def test_system_prompt_and_template_are_kept_in_every_head(llm, granularity):
     text = " ".join(filler_sentences(20, seed=4)) + " The gate code is 4471."
-    small = llm.compress(text, keep=0.2, system="You answer in one short sentence.")
+    small = llm.compress(text, keep=0.2, system="You answer in one short sentence.", granularity=granularity)
     assert small.chat.system == "You answer in one short sentence."
+    assert small.granularity == (granularity or "token")
     assert small.n_protected > 10
     protected = np.arange(small.n_protected)
-    assert (small.head_positions[:, :, :small.n_protected] == protected).all()
+    assert (small.positions[:small.n_protected] == protected).all()
+    if granularity == "head":
+        assert (small.head_positions[:, :, :small.n_protected] == protected).all()
+    else:
+        assert small.head_positions is None   # one decision per token: every head holds the same tokens
     assert "4471" in llm.ask(small, "What is the gate code?", **GREEDY)
     with pytest.raises(ValueError, match="system prompt is part of the compressed context"):
         llm.create_chat_completion([{"role": "system", "content": "x"}, {"role": "user", "content": "q"}],
@@ -167,7 +173,7 @@ def test_a_context_three_times_n_ctx_ends_up_compressed_in_the_cache(model_path)
         sentences.insert(index, fact)
     llm = Llama(model_path, n_ctx=1024, n_batch=512, n_threads=2, verbose=False)
     try:
-        long_context = llm.compress(" ".join(sentences), keep=KEEP)
+        long_context = llm.compress(" ".join(sentences), keep=KEEP, granularity="head")
         assert long_context.n_tokens > 2.5 * llm.n_ctx()
         assert long_context.n_cells <= llm.n_ctx()
         assert len(llm.kv_stats()["history"]) > 5           # evicted piece by piece

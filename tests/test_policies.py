@@ -5,6 +5,8 @@ import numpy as np
 import pytest
 
 from kvgguf import Llama
+from kvgguf.policies import POLICIES
+from kvgguf.settings import GRANULARITIES, validate_settings
 from kvgguf.text import filler_sentences
 
 NEEDLE = "The secret code for the vault is 4821."
@@ -100,3 +102,13 @@ def test_prefill_compresses_before_the_question_is_known(model_path, needle):
         assert llm.n_tokens == len(context_tokens) + len(question_tokens) + 5  # 5 tokens fed back
     finally:
         llm.close()
+
+
+def test_every_policy_has_a_default_granularity_it_can_select():
+    """Without kv_granularity each policy gets its own: snapkv per head (as kvpress's SnapKVPress), kvzip per token
+    (ahead of equal per-head budgets in docs/benchmarks/kvzip*), streaming per token (its scores are positional)."""
+    assert {name: validate_settings(name).granularity for name in POLICIES} == {
+        "snapkv": "head", "kvzip": "token", "streaming": "token"}
+    for policy in POLICIES.values():
+        assert policy.default_granularity in GRANULARITIES
+        assert policy.scores_per_head or policy.default_granularity == "token"

@@ -59,8 +59,9 @@ class Llama(llama_cpp.Llama):
         kv_budget: absolute number of cells kept instead of a fraction.
         kv_window: most recent cells that are never evicted (and SnapKV's observation window).
         kv_sink: first cells that are never evicted (attention sinks).
-        kv_granularity: "head" (each KV head keeps its own tokens; default where the policy scores per head)
-            or "token".
+        kv_granularity: "head" (each KV head keeps its own tokens; needs a policy that scores per head) or
+            "token" (one decision per token); default: the policy's (``default_granularity``: snapkv head,
+            kvzip token).
 
     With a policy, prompts longer than ``n_ctx`` are prefilled in chunks with eviction between chunks, and
     generation that fills the cache evicts again instead of failing; positions may run up to

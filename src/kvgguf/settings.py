@@ -79,7 +79,7 @@ def validate_settings(kv_eviction: str | None, kv_keep: float | None = None, kv_
         raise ValueError(f"kv_budget={budget} must exceed the protected cells kv_sink + kv_window = {sink + window}")
 
     if kv_granularity is None:
-        granularity = "head" if policy_class.scores_per_head else "token"
+        granularity = policy_class.default_granularity
     elif kv_granularity not in GRANULARITIES:
         raise ValueError(f"kv_granularity must be one of {GRANULARITIES}, got {kv_granularity!r}")
     elif kv_granularity == "head" and not policy_class.scores_per_head:

@@ -152,7 +152,7 @@ def kvpress_twin(policy: str) -> str | None:
     StreamingLLM. ``kvpress:kvzip`` (its global selection over all layers and heads) is no twin of ours."""
     base, granularity = policy_spec(policy)
     if base == "kvzip":
-        return f"kvpress:kvzip-{granularity or 'head'}"
+        return f"kvpress:kvzip-{granularity or POLICIES[base].default_granularity}"
     if base in ("snapkv", "streaming") and granularity is None:
         return f"kvpress:{base}"
     return None

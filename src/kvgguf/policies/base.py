@@ -25,6 +25,9 @@ class Policy(ABC):
     name: ClassVar[str]
     # True if score() returns [n_layer, n_head_kv, n_cells] (head-granular eviction possible), else [n_cells]
     scores_per_head: ClassVar[bool] = False
+    # the selection without a kv_granularity: "head" (each KV head keeps its own cells; needs scores_per_head) or
+    # "token" (one decision per cell, on the max over its heads)
+    default_granularity: ClassVar[str] = "token"
     # True if score() needs ScoreInput.attention (the attention tap over the observation window)
     needs_attention: ClassVar[bool] = False
     # True if the observers are a reconstruction of the context (KVzip) instead of the prompt's last window

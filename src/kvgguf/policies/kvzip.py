@@ -35,6 +35,9 @@ class ReconstructionChunk:
 class KVzipPolicy(Policy):
     name = "kvzip"
     scores_per_head = True
+    # one decision per cell (its max over the heads): ahead of equal per-head budgets in the query-agnostic runs
+    # of docs/benchmarks/ (kvzip/, kvzip-compare/), with our scores and with kvpress's alike
+    default_granularity = "token"
     needs_attention = True
     observes_reconstruction = True
     tap_reduce_rows = "max"

@@ -19,6 +19,7 @@ POOL_KERNEL = 7
 class SnapKVPolicy(Policy):
     name = "snapkv"
     scores_per_head = True
+    default_granularity = "head"
     needs_attention = True
     tap_reduce_rows = "mean"
     tap_reduce_heads = "mean"
