@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Regenerate every benchmark result committed under docs/benchmarks/ on the default model (about 3.5 hours on
+# Regenerate every benchmark result committed under docs/benchmarks/ on the default model (about 4 hours on
 # 2 cores; run it alone on the machine: `bench speed` times against an unpatched llama.cpp in the same run).
 # The Qwen long-context results (docs/benchmarks/long/) have their own command in docs/benchmarks/README.md.
 set -euo pipefail
