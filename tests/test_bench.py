@@ -35,12 +35,19 @@ def test_bench_speed_writes_json_markdown_and_png(tmp_path, model_path):
             assert rows[(length, policy)]["attended"] < rows[(length, "off")]["attended"]
         assert rows[(length, "off")]["cells"] == length + 2
         assert rows[(length, "fresh")]["cells"] == budget + 2
+        # KVzip's floor: its reconstruction forward without the tap, timed after a plain prefill; not for the others
+        assert rows[(length, "kvzip")]["reconstruction_forward_s"] > 0
+        assert "reconstruction_forward_s" not in rows[(length, "snapkv")]
     assert [entry["length"] for entry in results["ratios"]] == [300, 600]
+    for entry in results["ratios"]:
+        assert entry["kvzip"]["prefill_plus_forward_ratio"] > 1.0
+        assert "prefill_plus_forward_ratio" not in entry["snapkv"]
     assert results["remove_scattered"]["freed"] == 300
     assert results["baseline_library"] is None
     assert results["environment"]["threads"] == 2 and "load_average" in results["environment"]
     assert os.path.getsize(tmp_path / "speed.png") > 1000
-    assert "decode vs fresh" in (tmp_path / "speed.md").read_text()
+    markdown = (tmp_path / "speed.md").read_text()
+    assert "decode vs fresh" in markdown and "kvzip: prefill + reconstruction forward alone" in markdown
 
 
 def test_baseline_worker_refuses_a_patched_library(model_path):

@@ -11,7 +11,7 @@ import ctypes
 import dataclasses
 import os
 import time
-from collections.abc import Generator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,7 +23,7 @@ from .context import ChatLayout, CompressedContext, ContextFileError, ModelIdent
 from .engine import EvictionEngine, KVCacheView, kv_bytes_per_cell
 from .models import check_gguf_file
 from .policies import Policy, ScoreInput
-from .policies.kvzip import CHUNK_TOKENS, NEXT_REQUEST, QUOTED_TOKENS, KVzipPolicy
+from .policies.kvzip import CHUNK_TOKENS, NEXT_REQUEST, QUOTED_TOKENS, KVzipPolicy, ReconstructionChunk
 from .scores import reduce_groups
 from .settings import DEFAULT_SINK, DEFAULT_WINDOW, EvictionSettings, validate_settings
 from .tap import AttentionTap
@@ -696,13 +696,11 @@ class Llama(llama_cpp.Llama):
     def _reconstruction_attention(self, positions: np.ndarray) -> np.ndarray:
         """KVzip's scores of the cells at ``positions``: the max attention of the queries that reconstruct the
         context. The cells decoded since the last eviction are teacher-forced after a "repeat the context"
-        request, chunk by chunk, after the cache's cells, with the tap on the forced tokens; then those cells are
+        request, chunk by chunk, after the cache's cells, with the tap on (``_reconstruct``); then those cells are
         removed again. The cells scored at earlier evictions keep their scores: maxing them with every later
         reconstruction too would favour the start of a context prefilled piece by piece (its cells would see
         more queries than the later ones). Where the cache has no room for a reconstruction (a decode-time
         eviction with no reserve left), the unscored cells rank above all others."""
-        policy = self._kv_policy
-        assert isinstance(policy, KVzipPolicy)
         n_layer, n_head_kv = self._kv_engine.n_layer, self._kv_engine.n_head_kv
         n_cells = positions.size
         known = self._kv_cell_scores
@@ -720,35 +718,53 @@ class Llama(llama_cpp.Llama):
             scores[:, :, n_known:] = np.finfo(np.float32).max
             return scores
         n_done = self.n_tokens
-        # the context to reconstruct starts after the chat template's head (or a BOS token); those cells are
-        # protected and keep score 0
-        start = max(self._kv_head, 1 if self.input_ids[0] == self.token_bos() else 0)
-        forced = positions[n_known:]
-        forced = forced[forced >= start]
-        if forced.size == 0:
+        chunks = self._reconstruction_chunks(positions[n_known:], room)
+        if not chunks:
             return scores
-        new_tokens = self.input_ids[forced].tolist()
-        preceding = self.input_ids[max(start, int(forced[0]) - QUOTED_TOKENS):int(forced[0])].tolist()
-        chunks = policy.reconstruction(new_tokens, min(CHUNK_TOKENS, room), self._reconstruction_request,
-                                       preceding=preceding)
         new = scores[:, :, n_known:]
-        batch = self._reconstruction_batch()
-        for chunk in chunks:
-            # every reconstruction query observes, the request's as the forced tokens' (as in the reference)
-            queries = chunk.request + chunk.forced
-            self._start_tap(n_done, n_done + len(queries))
-            for start in range(0, len(queries), batch):
-                self._eval_growing(queries[start:start + batch])
-            np.maximum(new, self._kv_tap.scores(SEQ_ID)[:, :, n_known:n_cells], out=new)
-            self._stop_tap()
-            self._ctx.kv_cache_seq_rm(SEQ_ID, n_done, -1)
-            self.n_tokens = n_done
+        self._reconstruct(chunks, lambda observed: np.maximum(new, observed[:, :, n_known:n_cells], out=new))
         # the logits of the context's last token again (the reconstruction overwrote them)
         last = int(self.input_ids[n_done - 1])
         self._ctx.kv_cache_seq_rm(SEQ_ID, n_done - 1, -1)
         self.n_tokens = n_done - 1
         self._eval_growing([last])
         return scores
+
+    def _reconstruction_chunks(self, positions: np.ndarray, room: int) -> list[ReconstructionChunk]:
+        """KVzip's reconstruction of the cells at ``positions`` (ascending, not scored yet) in ``room`` cells: its
+        chunks of request and teacher-forced tokens. The context to reconstruct starts after the chat template's
+        head (or a BOS token); those cells are protected and are not reconstructed."""
+        policy = self._kv_policy
+        assert isinstance(policy, KVzipPolicy)
+        start = max(self._kv_head, 1 if self.input_ids[0] == self.token_bos() else 0)
+        forced = positions[positions >= start]
+        if forced.size == 0:
+            return []
+        new_tokens = self.input_ids[forced].tolist()
+        preceding = self.input_ids[max(start, int(forced[0]) - QUOTED_TOKENS):int(forced[0])].tolist()
+        return policy.reconstruction(new_tokens, min(CHUNK_TOKENS, room), self._reconstruction_request,
+                                     preceding=preceding)
+
+    def _reconstruct(self, chunks: list[ReconstructionChunk],
+                     observe: Callable[[np.ndarray], Any] | None) -> None:
+        """Decode each chunk (its request, then its forced tokens) after the cache's cells, in decodes of
+        ``_reconstruction_batch()`` tokens, and remove its cells again. With ``observe``, the tap runs on all of
+        the chunk's queries (the request's as the forced tokens', as in the reference) and ``observe`` gets its
+        scores, [n_layer, n_head_kv, cells]; without, this is the reconstruction forward alone, which `kvgguf
+        bench speed` times beside the tapped one. The logits afterwards are the last reconstruction token's."""
+        n_done = self.n_tokens
+        batch = self._reconstruction_batch()
+        for chunk in chunks:
+            queries = chunk.request + chunk.forced
+            if observe is not None:
+                self._start_tap(n_done, n_done + len(queries))
+            for start in range(0, len(queries), batch):
+                self._eval_growing(queries[start:start + batch])
+            if observe is not None:
+                observe(self._kv_tap.scores(SEQ_ID))
+                self._stop_tap()
+            self._ctx.kv_cache_seq_rm(SEQ_ID, n_done, -1)
+            self.n_tokens = n_done
 
     def _eval_growing(self, tokens: list[int]) -> None:
         """The parent's eval, with input_ids (and scores when logits_all) grown past n_ctx positions."""

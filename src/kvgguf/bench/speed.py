@@ -10,9 +10,10 @@ For each context length L it measures, on prompts of generated filler:
 - ``fresh``: a fresh ``keep * L`` prompt without eviction — what the compressed cache should decode like.
 
 KVzip's prefill includes its reconstruction (the context teacher-forced once more with the tap): its cost is
-reported as compression time / plain prefill time (``off``). Its runner gets ``report.RECONSTRUCTION_CELLS`` more
-cells,
-so that the whole prompt is scored in one pass (with fewer cells it would evict piece by piece while prefilling).
+reported as compression time / plain prefill time (``off``), beside its floor on this machine: a plain prefill
+plus the same reconstruction forward without the tap, timed in the same rounds. Its runner gets
+``report.RECONSTRUCTION_CELLS`` more cells, so that the whole prompt is scored in one pass (with fewer cells it would
+evict piece by piece while prefilling).
 
 Prefill times are the minimum over ``--prefill-rounds``; decode speeds are medians of single-token latencies taken
 in interleaved rounds, so machine noise hits every configuration alike. The results are ratios within one run.
@@ -73,6 +74,21 @@ class LocalRunner:
         start = time.perf_counter()
         self.llm.create_completion(tokens, max_tokens=1, temperature=0)
         return time.perf_counter() - start
+
+    def reconstruction_forward(self, tokens: list[int]) -> float:
+        """Seconds of the policy's reconstruction forward alone, after a plain prefill of ``tokens``: the same
+        chunks and decodes as its scoring (``Llama._reconstruct``), without the tap. KVzip's compression can cost
+        no less than a prefill plus this; the difference is what scoring adds to the forward."""
+        llm = self.llm
+        llm.reset()
+        llm.eval(tokens)  # no prompt pending: a plain prefill (the runner's reconstruction reserve stays free)
+        room = llm.n_ctx() - llm.n_tokens - llm._reconstruction_request_len()
+        chunks = llm._reconstruction_chunks(np.arange(llm.n_tokens), room)
+        start = time.perf_counter()
+        llm._reconstruct(chunks, observe=None)
+        elapsed = time.perf_counter() - start
+        llm.reset()
+        return elapsed
 
     def decode(self, tokens: list[int]) -> list[float]:
         """Seconds per single-token decode, one eval per token (the way generation runs)."""
@@ -155,8 +171,12 @@ def measure_length(model: str, length: int, keep: float, policies: list[str], ro
     continuation = filler_tokens(off.llm, n_decode * rounds + 1, seed=2)[1:]
 
     prefill_s: dict[str, list[float]] = {label: [] for label in runners}
+    forward_s: dict[str, list[float]] = {p: [] for p in policies if validate_settings(p).policy().observes_reconstruction}
     for _ in range(prefill_rounds):
         for label, runner in runners.items():
+            if label in forward_s:
+                assert isinstance(runner, LocalRunner)
+                forward_s[label].append(runner.reconstruction_forward(long_prompt))
             prefill_s[label].append(runner.prefill(short_prompt if label == "fresh" else long_prompt))
             progress.update()
     latencies: dict[str, list[float]] = {label: [] for label in runners}
@@ -181,6 +201,8 @@ def measure_length(model: str, length: int, keep: float, policies: list[str], ro
             row.update(score_s=stats["score_s"] / n, evict_s=stats["evict_s"] / n, compact_s=stats["compact_s"] / n,
                        eviction_s=(stats["score_s"] + stats["evict_s"] + stats["compact_s"]) / n,
                        cells_before=stats["cells_before"], cells_after=stats["cells_after"])
+        if label in forward_s:
+            row.update(reconstruction_forward_s=min(forward_s[label]), reconstruction_forward_rounds_s=forward_s[label])
         rows.append(row)
         runner.close()
     return rows
@@ -221,6 +243,10 @@ def ratios(rows: list[dict[str, Any]], policies: list[str]) -> list[dict[str, An
                 "decode_vs_fresh": at[policy]["decode_tok_s"] / at["fresh"]["decode_tok_s"],
                 "decode_vs_full": at[policy]["decode_tok_s"] / at["off"]["decode_tok_s"],
             }
+            if "reconstruction_forward_s" in at[policy]:
+                # the floor of a reconstruction method: a plain prefill, then the reconstruction forward alone
+                entry[policy]["prefill_plus_forward_ratio"] = (
+                    1.0 + at[policy]["reconstruction_forward_s"] / at["off"]["prefill_s"])
         out.append(entry)
     return out
 
@@ -288,10 +314,14 @@ def markdown(results: dict[str, Any], env: dict[str, Any]) -> str:
     lines += ["", "Ratios (same run):", ""]
     header = "| L | off / baseline prefill time | off / baseline decode speed |"
     sep = "|---|---|---|"
+    first = results["ratios"][0]
     for policy in results["policies"]:
         header += (f" {policy}: prefill ratio | {policy}: eviction % of prefill | {policy}: decode vs fresh | "
                    f"{policy}: decode vs full |")
         sep += "---|---|---|---|"
+        if "prefill_plus_forward_ratio" in first[policy]:
+            header += f" {policy}: prefill + reconstruction forward alone |"
+            sep += "---|"
     lines += [header, sep]
     for entry in results["ratios"]:
         line = (f"| {entry['length']} | {entry.get('off_vs_baseline_prefill', float('nan')):.3f} | "
@@ -301,6 +331,8 @@ def markdown(results: dict[str, Any], env: dict[str, Any]) -> str:
             line += (f" {p['prefill_ratio']:.2f}x | {100 * p['eviction_share_of_prefill']:.2f}% | "
                      f"{p['decode_vs_fresh']:.3f} | "
                      f"{p['decode_vs_full']:.2f}x |")
+            if "prefill_plus_forward_ratio" in first[policy]:
+                line += f" {p['prefill_plus_forward_ratio']:.2f}x |"
         lines.append(line)
     removal = results["remove_scattered"]
     lines += ["", f"Removing {removal['cells']} scattered cells of {removal['length']} in one call: "
