@@ -167,6 +167,28 @@ def test_call_with_logprobs_past_n_ctx(model_path):
         llm.close()
 
 
+@pytest.mark.parametrize("policy, n_tokens", [("streaming", 1000), ("kvzip", 800)])
+def test_reset_then_eval_decodes_over_a_compressed_cache_like_a_plain_model(model_path, policy, n_tokens):
+    """llama-cpp-python's low-level flow, reset() then eval(), on the cache a compression left: the stale cells go
+    (as the parent's eval drops them), nothing is evicted, and the logits are a plain model's."""
+    llm = Llama(model_path, n_ctx=1024, n_threads=2, verbose=False, kv_eviction=policy, kv_keep=0.25)
+    plain = Llama(model_path, n_ctx=1024, n_threads=2, verbose=False)
+    try:
+        tokens = llm.tokenize(haystack(80, seed=7).encode())[:n_tokens]
+        assert len(tokens) == n_tokens
+        llm.create_completion(tokens, max_tokens=1, temperature=0)
+        assert llm.kv_stats()["evictions"] == 1 and llm.kv_stats()["cells_now"] < n_tokens
+        llm.reset()
+        llm.eval(tokens)  # the stale cells plus these would not fit: counted, they forced an eviction
+        assert llm.kv_stats()["evictions"] == 1
+        assert llm.kv_positions().tolist() == list(range(n_tokens))
+        plain.eval(tokens)
+        assert np.array_equal(np.array(llm.eval_logits[-1]), np.array(plain.eval_logits[-1]))
+    finally:
+        llm.close()
+        plain.close()
+
+
 def next_logits(llm: Llama, token: int) -> np.ndarray:
     llm.eval([token])
     return np.array(llm.eval_logits[-1])

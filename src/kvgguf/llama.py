@@ -516,6 +516,9 @@ class Llama(llama_cpp.Llama):
             self._kv_prompt_pending = False
             self._prefill_with_eviction(tokens)
         else:
+            # cells past n_tokens (left by a reset(), say) are what the parent's eval drops anyway: drop them before
+            # counting the room, or they would be evicted for, and reconstructed, as if they were context
+            self._ctx.kv_cache_seq_rm(-1, self.n_tokens, -1)
             if (self._observes_window() and not self._kv_tap_running and
                     self._kv_engine.cache.n_cells() + len(tokens) > self.n_ctx() - self._observation_window() - 1):
                 # the cache is about to fill: the next tokens observe, as the prompt's last tokens did at prefill
