@@ -8,59 +8,30 @@ import ctypes
 import numpy as np
 import pytest
 
-from kvgguf._native import LIB_DIR, _shared_library_name
+from ggmltest import GGML, GGML_TYPE_F32
 
 POOL_MAX, POOL_AVG = 0, 1   # enum ggml_op_pool
-GGML_TYPE_F32 = 0
-
-
-class InitParams(ctypes.Structure):
-    _fields_ = [("mem_size", ctypes.c_size_t), ("mem_buffer", ctypes.c_void_p), ("no_alloc", ctypes.c_bool)]
 
 
 @pytest.fixture(scope="module")
-def ggml():
-    base = ctypes.CDLL(str(LIB_DIR / _shared_library_name("ggml-base")))
-    cpu = ctypes.CDLL(str(LIB_DIR / _shared_library_name("ggml-cpu")))
-    p = ctypes.c_void_p
-    base.ggml_init.argtypes, base.ggml_init.restype = [InitParams], p
-    base.ggml_free.argtypes, base.ggml_free.restype = [p], None
-    base.ggml_new_tensor_3d.argtypes = [p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64]
-    base.ggml_new_tensor_3d.restype = p
-    base.ggml_pool_2d.argtypes = [p, p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,
-                                  ctypes.c_float, ctypes.c_float]
-    base.ggml_pool_2d.restype = p
-    base.ggml_get_data.argtypes, base.ggml_get_data.restype = [p], p
-    base.ggml_nelements.argtypes, base.ggml_nelements.restype = [p], ctypes.c_int64
-    base.ggml_new_graph.argtypes, base.ggml_new_graph.restype = [p], p
-    base.ggml_build_forward_expand.argtypes, base.ggml_build_forward_expand.restype = [p, p], None
-    cpu.ggml_graph_compute_with_ctx.argtypes = [p, p, ctypes.c_int]
-    cpu.ggml_graph_compute_with_ctx.restype = ctypes.c_int
-    return base, cpu
+def ggml() -> GGML:
+    lib = GGML()
+    lib.pool_2d = lib.declare("ggml_pool_2d", [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
+                                               ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_float,
+                                               ctypes.c_float])
+    return lib
 
 
-def ggml_pool_2d(ggml, src: np.ndarray, op: int, k0: int, k1: int, s0: int, s1: int, p0: int, p1: int,
+def ggml_pool_2d(ggml: GGML, src: np.ndarray, op: int, k0: int, k1: int, s0: int, s1: int, p0: int, p1: int,
                  n_threads: int) -> np.ndarray:
     """Run ggml's pool_2d on the CPU backend; ``src`` is [C, H, W] (ggml's ne = W, H, C)."""
-    base, cpu = ggml
-    ctx = base.ggml_init(InitParams(64 << 20, None, False))
-    assert ctx
-    try:
-        n_c, n_h, n_w = src.shape
-        tensor = base.ggml_new_tensor_3d(ctx, GGML_TYPE_F32, n_w, n_h, n_c)
-        ctypes.memmove(base.ggml_get_data(tensor), np.ascontiguousarray(src, dtype=np.float32).ctypes.data,
-                       src.size * 4)
-        out = base.ggml_pool_2d(ctx, tensor, op, k0, k1, s0, s1, float(p0), float(p1))
-        graph = base.ggml_new_graph(ctx)
-        base.ggml_build_forward_expand(graph, out)
-        assert cpu.ggml_graph_compute_with_ctx(ctx, graph, n_threads) == 0
-        out_h = (n_h + 2 * p1 - k1) // s1 + 1
-        out_w = (n_w + 2 * p0 - k0) // s0 + 1
-        assert base.ggml_nelements(out) == n_c * out_h * out_w
-        data = ctypes.cast(base.ggml_get_data(out), ctypes.POINTER(ctypes.c_float))
-        return np.ctypeslib.as_array(data, shape=(n_c, out_h, out_w)).copy()
-    finally:
-        base.ggml_free(ctx)
+    n_c, n_h, n_w = src.shape
+    out_h = (n_h + 2 * p1 - k1) // s1 + 1
+    out_w = (n_w + 2 * p0 - k0) // s0 + 1
+    with ggml.context(64 << 20) as ctx:
+        tensor = ggml.tensor(ctx, GGML_TYPE_F32, src.astype(np.float32))
+        out = ggml.pool_2d(ctx, tensor, op, k0, k1, s0, s1, float(p0), float(p1))
+        return ggml.compute(ctx, out, n_threads, (n_c, out_h, out_w))
 
 
 def reference_pool_2d(src: np.ndarray, op: int, k0: int, k1: int, s0: int, s1: int, p0: int, p1: int) -> np.ndarray:
