@@ -37,6 +37,9 @@ def test_bench_speed_writes_json_markdown_and_png(tmp_path, model_path):
         assert rows[(length, "fresh")]["cells"] == budget + 2
         # KVzip's floor: its reconstruction forward without the tap, timed after a plain prefill; not for the others
         assert rows[(length, "kvzip")]["reconstruction_forward_s"] > 0
+        # the scoring of each prefill round (one here), the reported one inside the reported prefill
+        assert len(rows[(length, "kvzip")]["score_rounds_s"]) == 1
+        assert 0 < rows[(length, "kvzip")]["score_s"] < rows[(length, "kvzip")]["prefill_s"]
         assert "reconstruction_forward_s" not in rows[(length, "snapkv")]
     assert [entry["length"] for entry in results["ratios"]] == [300, 600]
     for entry in results["ratios"]:

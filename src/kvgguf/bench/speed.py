@@ -47,6 +47,8 @@ logger = logging.getLogger(__name__)
 QUICK = dict(lengths=[1024, 4096], rounds=2, prefill_rounds=1)
 FULL = dict(lengths=[2048, 4096, 8192], rounds=4, prefill_rounds=2)
 KVZIP_MAX_PREFILL_RATIO = 2.8  # compression time / plain prefill time
+EVICTION_PARTS = ("evictions", "score_s", "evict_s", "compact_s")  # kv_stats() counters, summed over its life
+OFF_SLOWDOWN_NOISE = 0.05  # eviction off may be this much slower than the unpatched build (machine noise)
 DEFAULT_BASELINE_LIB = (Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "kvgguf" / "baseline-0.3.36"
                         / "kvgguf" / "lib")
 
@@ -67,13 +69,19 @@ class LocalRunner:
     def __init__(self, model: str, n_ctx: int, threads: int, **eviction: Any) -> None:
         self.llm = Llama(model, n_ctx=n_ctx, n_batch=512, n_threads=threads, n_threads_batch=threads,
                          verbose=False, **eviction)
+        self.eviction_rounds: list[dict[str, float]] = []  # per prefill: its evictions' seconds, by part
 
     def prefill(self, tokens: list[int]) -> float:
-        """Seconds for the prompt through the public completion path (with eviction, if the model has a policy)."""
+        """Seconds for the prompt through the public completion path (with eviction, if the model has a policy);
+        the seconds its evictions spent scoring, evicting and compacting go to ``eviction_rounds``."""
         self.llm.reset()
+        before = self.llm.kv_stats()
         start = time.perf_counter()
         self.llm.create_completion(tokens, max_tokens=1, temperature=0)
-        return time.perf_counter() - start
+        elapsed = time.perf_counter() - start
+        after = self.llm.kv_stats()
+        self.eviction_rounds.append({part: after[part] - before[part] for part in EVICTION_PARTS})
+        return elapsed
 
     def reconstruction_forward(self, tokens: list[int]) -> float:
         """Seconds of the policy's reconstruction forward alone, after a plain prefill of ``tokens``: the same
@@ -197,9 +205,13 @@ def measure_length(model: str, length: int, keep: float, policies: list[str], ro
         if label in policies:
             assert isinstance(runner, LocalRunner)
             stats = runner.llm.kv_stats()
-            n = max(1, stats["evictions"])  # kv_stats sums over the prefill rounds: per eviction
-            row.update(score_s=stats["score_s"] / n, evict_s=stats["evict_s"] / n, compact_s=stats["compact_s"] / n,
-                       eviction_s=(stats["score_s"] + stats["evict_s"] + stats["compact_s"]) / n,
+            # the reported prefill is the fastest round: its own scoring, eviction and compaction (the forward
+            # alone is also its fastest round's)
+            fastest = runner.eviction_rounds[prefill_s[label].index(min(prefill_s[label]))]
+            n = max(1, fastest["evictions"])  # per eviction
+            row.update({part: fastest[part] / n for part in ("score_s", "evict_s", "compact_s")})
+            row.update(eviction_s=(fastest["score_s"] + fastest["evict_s"] + fastest["compact_s"]) / n,
+                       score_rounds_s=[r["score_s"] / max(1, r["evictions"]) for r in runner.eviction_rounds],
                        cells_before=stats["cells_before"], cells_after=stats["cells_after"])
         if label in forward_s:
             row.update(reconstruction_forward_s=min(forward_s[label]), reconstruction_forward_rounds_s=forward_s[label])
@@ -265,10 +277,11 @@ def targets(summary: list[dict[str, Any]], removal: dict[str, Any], policies: li
                 longest[p]["eviction_share_of_prefill"] <= 0.03)
     met[f"remove {removal['cells']} scattered cells of {removal['length']} <= 2 ms"] = removal["remove_s"] <= 0.002
     if "off_vs_baseline_prefill" in longest:
-        # the patches add no work when eviction is off: within machine noise of the unpatched build
-        met["eviction off vs unpatched: prefill and decode within 5%"] = all(
-            abs(entry[key] - 1.0) <= 0.05 for entry in summary
-            for key in ("off_vs_baseline_prefill", "off_vs_baseline_decode"))
+        # the patches add no work when eviction is off: no slower than the unpatched build, within machine noise
+        # (patch 0005 makes prefill faster, so a lower time ratio is not noise)
+        met[f"eviction off vs unpatched: prefill and decode at most {OFF_SLOWDOWN_NOISE:.0%} slower"] = all(
+            entry["off_vs_baseline_prefill"] <= 1.0 + OFF_SLOWDOWN_NOISE and
+            entry["off_vs_baseline_decode"] >= 1.0 - OFF_SLOWDOWN_NOISE for entry in summary)
     return met
 
 
