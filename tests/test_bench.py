@@ -45,6 +45,13 @@ def test_bench_speed_writes_json_markdown_and_png(tmp_path, model_path):
     for entry in results["ratios"]:
         assert entry["kvzip"]["prefill_plus_forward_ratio"] > 1.0
         assert "prefill_plus_forward_ratio" not in entry["snapkv"]
+        # one round: each policy's ratio is its prefill over off's of the same round
+        at = {config: rows[(entry["length"], config)] for config in ("off", "snapkv", "kvzip")}
+        for policy in ("snapkv", "kvzip"):
+            assert entry[policy]["prefill_ratio_rounds"] == [entry[policy]["prefill_ratio"]]
+            assert entry[policy]["prefill_ratio"] == pytest.approx(at[policy]["prefill_s"] / at["off"]["prefill_s"])
+        assert entry["kvzip"]["prefill_plus_forward_ratio"] == pytest.approx(
+            1.0 + at["kvzip"]["reconstruction_forward_s"] / at["off"]["prefill_s"])
     assert results["remove_scattered"]["freed"] == 300
     assert results["baseline_library"] is None
     assert results["environment"]["threads"] == 2 and "load_average" in results["environment"]
@@ -57,6 +64,18 @@ def test_baseline_worker_refuses_a_patched_library(model_path):
     # the worker process speaks its protocol, loads the model and checks which library it got: ours is patched
     with pytest.raises(RuntimeError, match="has kvgguf's patches"):
         BaselineRunner(LIB_DIR, model_path, n_ctx=256, threads=1)
+
+
+def test_worker_runs_the_patched_library_like_the_baseline(model_path):
+    # the library comparison drives kvgguf's own library through the same worker as the unpatched one
+    runner = BaselineRunner(LIB_DIR, model_path, n_ctx=256, threads=1, patched=True)
+    try:
+        assert runner.prefill(list(range(100, 140))) > 0
+        latencies = runner.decode([200, 201, 202])
+        assert len(latencies) == 3 and all(latency > 0 for latency in latencies)
+        assert runner.state() == {"cells": 43, "attended": None}
+    finally:
+        runner.close()
 
 
 def test_bench_memory_compares_eviction_with_the_full_cache(tmp_path, model_path):

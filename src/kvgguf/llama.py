@@ -682,6 +682,10 @@ class Llama(llama_cpp.Llama):
             return 0
         return self._reconstruction_request_len() + self._reconstruction_piece()
 
+    def _reconstruction_room(self, n_cells: int) -> int:
+        """Forced tokens a reconstruction chunk can take after ``n_cells`` cells and the request."""
+        return self.n_ctx() - n_cells - self._reconstruction_request_len()
+
     def _reconstruction_piece(self) -> int:
         """Prompt tokens a KVzip prefill decodes between evictions (each is reconstructed at the next one):
         small, so that a context longer than n_ctx leaves most cells to the compressed part before it."""
@@ -713,7 +717,7 @@ class Llama(llama_cpp.Llama):
             scores[:, :, :n_known] = known[:, :, :n_known]
         if n_known == n_cells:
             return scores
-        room = self.n_ctx() - n_cells - self._reconstruction_request_len()
+        room = self._reconstruction_room(n_cells)
         if room < MIN_RECONSTRUCTION_CHUNK:
             if n_known == 0:
                 raise ValueError(f"kvzip has no scores for the {n_cells} cells of this cache and no room to "
