@@ -51,7 +51,7 @@ from . import report
 logger = logging.getLogger(__name__)
 
 QUICK = dict(lengths=[1024, 4096], rounds=2, prefill_rounds=1)
-FULL = dict(lengths=[2048, 4096, 8192], rounds=4, prefill_rounds=2)
+FULL = dict(lengths=[2048, 4096, 8192], rounds=4, prefill_rounds=3)  # 3: a median of paired ratios
 KVZIP_MAX_PREFILL_RATIO = 2.8  # compression time / plain prefill time
 EVICTION_PARTS = ("evictions", "score_s", "evict_s", "compact_s")  # kv_stats() counters, summed over its life
 OFF_SLOWDOWN_NOISE = 0.05  # eviction off may be this much slower than the unpatched build (machine noise)
