@@ -10,7 +10,7 @@ import pytest
 
 from kvgguf._native import LIB_DIR
 from kvgguf.bench import schema
-from kvgguf.bench.speed import BaselineRunner
+from kvgguf.bench.speed import BaselineRunner, ratios
 from kvgguf.cli import main
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "benchmarks"
@@ -58,6 +58,22 @@ def test_bench_speed_writes_json_markdown_and_png(tmp_path, model_path):
     assert os.path.getsize(tmp_path / "speed.png") > 1000
     markdown = (tmp_path / "speed.md").read_text()
     assert "decode vs fresh" in markdown and "kvzip: prefill + reconstruction forward alone" in markdown
+
+
+def test_policy_ratios_pair_each_round_with_off_of_the_same_round():
+    # off was slow in round 1 and kvzip in round 2: paired, the ratios are 3 and 2 (median 2.5); the ratio of the
+    # minimums would read 3 / 1
+    rows = [{"length": 64, "config": "off", "prefill_s": 1.0, "prefill_rounds_s": [4.0, 1.0], "decode_tok_s": 10.0},
+            {"length": 64, "config": "fresh", "prefill_s": 0.5, "prefill_rounds_s": [0.5, 0.5], "decode_tok_s": 20.0},
+            {"length": 64, "config": "kvzip", "prefill_s": 3.0, "prefill_rounds_s": [12.0, 3.0], "eviction_s": 1.0,
+             "decode_tok_s": 20.0, "reconstruction_forward_s": 1.0, "reconstruction_forward_rounds_s": [6.0, 1.0]}]
+    (entry,) = ratios(rows, ["kvzip"])
+    assert entry["kvzip"]["prefill_ratio_rounds"] == [3.0, 3.0]
+    rows[2]["prefill_rounds_s"] = [8.0, 3.0]
+    (entry,) = ratios(rows, ["kvzip"])
+    assert entry["kvzip"]["prefill_ratio_rounds"] == [2.0, 3.0] and entry["kvzip"]["prefill_ratio"] == 2.5
+    assert entry["kvzip"]["prefill_plus_forward_ratio_rounds"] == [2.5, 2.0]
+    assert entry["kvzip"]["prefill_plus_forward_ratio"] == 2.25
 
 
 def test_baseline_worker_refuses_a_patched_library(model_path):

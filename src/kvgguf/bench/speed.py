@@ -18,8 +18,8 @@ plus the same reconstruction forward without the tap, timed in the same rounds. 
 evict piece by piece while prefilling).
 
 Prefill times are the minimum over ``--prefill-rounds``. A policy's prefill ratio is the median over the rounds of
-its prefill time / ``off``'s in the same round; each round runs ``off`` first and KVzip right after it, so that the
-pair on which KVzip's cost target is judged is measured back to back (this machine's speed drifts by 10% over
+its prefill time / ``off``'s in the same round; each round runs KVzip's forward alone, then ``off``, then KVzip's
+compression, so that the pairs on which KVzip's cost and floor are judged are measured back to back (this machine's speed drifts by 10% over
 minutes). Decode speeds are medians of single-token latencies taken in interleaved rounds, so machine noise hits
 every configuration alike. The results are ratios within one run.
 At the longest length it also times the removal of ``L - keep * L`` scattered cells in one call.
@@ -174,9 +174,9 @@ def measure_length(model: str, length: int, keep: float, policies: list[str], ro
     budget = max(1, int(round(keep * length)))
     n_ctx = length + n_decode * rounds + 256
     runners: dict[str, LocalRunner | BaselineRunner] = {"off": LocalRunner(model, n_ctx, threads)}
+    reconstructing = [p for p in policies if validate_settings(p).policy().observes_reconstruction]
     # in each round a reconstruction policy prefills right after off (its cost target is the ratio of the two)
-    ordered = sorted(policies, key=lambda p: not validate_settings(p).policy().observes_reconstruction)
-    for policy in ordered:
+    for policy in reconstructing + [p for p in policies if p not in reconstructing]:
         runners[policy] = LocalRunner(model, report.cells_for([policy], n_ctx), threads, kv_eviction=policy,
                                       kv_budget=budget)
     if baseline_lib is not None:
@@ -190,7 +190,7 @@ def measure_length(model: str, length: int, keep: float, policies: list[str], ro
     continuation = filler_tokens(off.llm, n_decode * rounds + 1, seed=2)[1:]
 
     prefill_s: dict[str, list[float]] = {label: [] for label in runners}
-    forward_s: dict[str, list[float]] = {p: [] for p in policies if validate_settings(p).policy().observes_reconstruction}
+    forward_s: dict[str, list[float]] = {p: [] for p in reconstructing}
     for _ in range(prefill_rounds):
         # a round: the reconstruction forward alone, off, the reconstruction policy (its cost is judged on the pair
         # off and its prefill, and its floor on off and the forward: each pair back to back), the others
