@@ -2,7 +2,7 @@
 
 Called by CMakeLists.txt at configure time:
 
-    python cmake/prepare_llama.py --cache DIR --dest DIR --patches DIR
+    python cmake/prepare_llama.py --cache DIR --dest DIR --patches DIR [--build-info FILE]
 
 1. The llama-cpp-python sdist (which vendors llama.cpp at the commit its ctypes bindings were written for) is
    downloaded with pip into the cache directory, unless a copy with the right sha256 is already there, so rebuilds
@@ -10,6 +10,9 @@ Called by CMakeLists.txt at configure time:
 2. Its ``vendor/llama.cpp`` tree is extracted into ``--dest``.
 3. ``patches/*.patch`` are applied in name order with ``git apply``; a patch that does not apply fails the build
    with its name. ``--no-patches`` skips this step (the unpatched baseline build, scripts/build_baseline.sh).
+
+``--build-info`` writes which llama.cpp and which patch set the build uses (JSON; installed beside the libraries,
+so that a compressed-context file can say which library wrote its llama.cpp state).
 
 The tree is prepared again whenever the sdist or any patch changes (a stamp file records their digests); only
 files whose content changed are rewritten, so an incremental build recompiles just what a patch touches.
@@ -19,6 +22,7 @@ from __future__ import annotations
 import argparse
 import filecmp
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -115,11 +119,17 @@ def main() -> None:
     parser.add_argument("--patches", type=Path, required=True, help="directory of NNNN-*.patch files")
     parser.add_argument("--no-patches", action="store_true",
                         help="leave llama.cpp as pinned (the unpatched baseline of `kvgguf bench speed`)")
+    parser.add_argument("--build-info", type=Path, help="write the llama.cpp version and patch set here (JSON)")
     args = parser.parse_args()
 
     archive = fetch_sdist(args.cache)
     patches = [] if args.no_patches else sorted(args.patches.glob("*.patch"))
     stamp_text = "\n".join([SHA256] + [f"{p.name} {sha256_of(p)}" for p in patches]) + "\n"
+    if args.build_info is not None:
+        info = {"llama_cpp_python": VERSION, "sdist_sha256": SHA256, "patches": [p.name for p in patches],
+                "patch_set": hashlib.sha256(stamp_text.encode()).hexdigest()}
+        args.build_info.parent.mkdir(parents=True, exist_ok=True)
+        args.build_info.write_text(json.dumps(info, indent=1) + "\n")
     stamp = args.dest / ".kvgguf-stamp"
     if stamp.exists() and stamp.read_text() == stamp_text:
         return
