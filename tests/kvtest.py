@@ -202,3 +202,122 @@ class SoftMaxCapture:
             self.calls.append({})
         self.calls[-1][layer] = data.reshape(n_head, n_tok, n_kv).copy()
         return True
+
+
+def kl_divergence(logits_p: np.ndarray, logits_q: np.ndarray) -> float:
+    """KL(softmax(p) || softmax(q))."""
+    p = np.exp(logits_p - logits_p.max()); p /= p.sum()
+    q = np.exp(logits_q - logits_q.max()); q /= q.sum()
+    return float(np.sum(p * (np.log(p + 1e-30) - np.log(q + 1e-30))))
+
+
+@dataclass
+class RandomEviction:
+    """Random scores over a sequence's cells (the newest protected), and the cells a top-``n_keep`` drops."""
+
+    scores: np.ndarray
+    protect: np.ndarray
+    n_keep: int
+    removed: np.ndarray   # positions
+
+    @classmethod
+    def of(cls, positions: np.ndarray, n_keep: int, seed: int) -> "RandomEviction":
+        from kvgguf.scores import select_topk
+
+        scores = np.random.default_rng(seed).random(positions.size).astype(np.float32)
+        protect = np.zeros(positions.size, dtype=bool)
+        protect[-1] = True
+        removed = np.setdiff1d(positions, positions[select_topk(scores, n_keep, protect)])
+        return cls(scores, protect, n_keep, removed)
+
+    def remove_upstream(self, memory) -> None:
+        """Remove the dropped cells one position at a time with upstream llama_memory_seq_rm."""
+        for p in self.removed.tolist():
+            C.llama_memory_seq_rm(memory, 0, p, p + 1)
+
+
+def last_logits(llm) -> np.ndarray:
+    """The logits of the last decoded token of a llama_cpp.Llama, as its sampler reads them (``eval_logits``
+    holds logits only with logits_all=True)."""
+    logits = np.ctypeslib.as_array(C.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),)).copy()
+    assert np.isfinite(logits).all() and logits.std() > 0
+    return logits
+
+
+class RawHost:
+    """A sequence of a RawContext as a scoring context's host (kvgguf.scoring.ScoringHost), for checks that
+    need what kvgguf.Llama does not offer (several sequences, adapters set by hand)."""
+
+    offloaded = False
+
+    def __init__(self, raw: RawContext, seq_id: int = 0) -> None:
+        self.raw = raw
+        self.ctx = raw.ctx
+        self.model = raw.model.model
+        self.seq_id = seq_id
+        self.n_tokens = 0
+        self._ids = np.zeros(0, dtype=np.intc)
+        self.logits: np.ndarray | None = None
+
+    def token_ids(self) -> np.ndarray:
+        return self._ids
+
+    def decode_tokens(self, tokens: list[int]) -> None:
+        positions = list(range(self.n_tokens, self.n_tokens + len(tokens)))
+        self.logits = self.raw.decode(tokens, positions=positions, seq_ids=(self.seq_id,))
+        self._ids = np.concatenate([self._ids[:self.n_tokens], np.asarray(tokens, dtype=np.intc)])
+        self.n_tokens += len(tokens)
+
+    def lora_adapters(self) -> list:
+        return []
+
+    def grow(self, n_positions: int) -> None:
+        if n_positions > self._ids.size:
+            self._ids = np.concatenate([self._ids, np.zeros(n_positions - self._ids.size, dtype=np.intc)])
+
+    def last_logits(self) -> np.ndarray:
+        """The logits llama.cpp holds now for the last decoded row (what a sampler would read)."""
+        logits = C.llama_get_logits_ith(self.ctx, -1)
+        return np.ctypeslib.as_array(logits, shape=(self.raw.model.n_vocab,)).copy()
+
+
+def write_lora_adapter(path, model_path: str, targets: tuple[str, ...] = ("attn_q",), rank: int = 4,
+                       alpha: float = 8.0, scale: float = 0.05, seed: int = 0, zero_b: bool = False) -> str:
+    """A LoRA adapter GGUF for the model at ``model_path`` (gguf-py): random A and B (B zero with ``zero_b``) on
+    the ``targets`` projections of every layer, in llama.cpp's adapter layout (A: [in, r], B: [r, out])."""
+    import gguf
+
+    reader = gguf.GGUFReader(model_path)
+    arch = bytes(reader.fields["general.architecture"].parts[-1]).decode()
+    shapes = {t.name: [int(n) for n in t.shape] for t in reader.tensors}
+    rng = np.random.default_rng(seed)
+    writer = gguf.GGUFWriter(str(path), arch=arch)
+    writer.add_type("adapter")
+    writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+    writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
+    for name, shape in shapes.items():
+        if not any(name.endswith(f".{target}.weight") for target in targets):
+            continue
+        n_in, n_out = shape
+        a = (rng.standard_normal((rank, n_in)) * scale).astype(np.float32)
+        b = (rng.standard_normal((n_out, rank)) * scale).astype(np.float32)
+        if zero_b:
+            b[:] = 0.0
+        writer.add_tensor(f"{name}.lora_a", a)
+        writer.add_tensor(f"{name}.lora_b", b)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return str(path)
+
+
+def token_embeddings(model_path: str, tokens: list[int]) -> np.ndarray:
+    """The model's input embedding rows of ``tokens``, dequantized from the GGUF file with gguf-py."""
+    import gguf
+    from gguf.quants import dequantize
+
+    reader = gguf.GGUFReader(model_path)
+    tensor = next(t for t in reader.tensors if t.name == "token_embd.weight")
+    rows = dequantize(tensor.data, tensor.tensor_type)
+    return np.ascontiguousarray(rows.reshape(-1, int(tensor.shape[0]))[tokens], dtype=np.float32)

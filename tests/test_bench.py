@@ -132,7 +132,7 @@ def test_bench_accuracy_writes_a_summary_per_cell(tmp_path, model_path):
 
 @pytest.mark.parametrize("arguments, message", [
     (["--tasks", "niah_single,nope"], "unknown task 'nope'"),
-    (["--policies", "snapkv,h2o"], "unknown kv_eviction policy 'h2o'"),
+    (["--policies", "snapkv,tova2"], "unknown kv_eviction policy 'tova2'"),
     (["--keeps", "1.0,1.5"], "kv_keep must be in"),
     (["--settings", "query-blind"], "unknown setting 'query-blind'"),
 ])

@@ -5,17 +5,11 @@ import numpy as np
 import pytest
 
 from kvgguf.text import haystack
-from kvtest import GGML_TYPE_F16, GGML_TYPE_Q8_0, C, RawContext
+from kvtest import GGML_TYPE_F16, GGML_TYPE_Q8_0, C, RawContext, kl_divergence
 from kvgguf._native import NativeError, libllama
 
 N_PROMPT = 400
 N_CTX = 1024
-
-
-def kl_divergence(logits_p: np.ndarray, logits_q: np.ndarray) -> float:
-    p = np.exp(logits_p - logits_p.max()); p /= p.sum()
-    q = np.exp(logits_q - logits_q.max()); q /= q.sum()
-    return float(np.sum(p * (np.log(p + 1e-30) - np.log(q + 1e-30))))
 
 
 def eviction_sets(n: int, rng: np.random.Generator) -> list[np.ndarray]:

@@ -104,17 +104,18 @@ def test_needle_cell_scores_high(llm, sample_and_tokens):
 
 
 def test_reconstruction_in_smaller_batches_scores_the_same(llm, sample_and_tokens, monkeypatch):
-    """On the CPU the reconstruction is decoded in batches of RECONSTRUCTION_BATCH_CPU tokens (its attention
+    """On the CPU the reconstruction is decoded in batches of kvzip.BATCH_CPU tokens (its attention
     probabilities then stay in cache); the tap's max over more, smaller ubatches gives the scores of n_batch ones."""
-    import kvgguf.llama
+    from kvgguf.policies import kvzip
 
     _, tokens = sample_and_tokens
-    assert llm._reconstruction_batch() == kvgguf.llama.RECONSTRUCTION_BATCH_CPU < llm.n_batch
     llm.configure_kv_eviction("kvzip", kv_keep=KEEP, kv_granularity="token")
+    controller = llm.kv_controller
+    assert controller.policy.reconstruction_batch(controller.scoring) == kvzip.BATCH_CPU < llm.n_batch
     llm.prefill(tokens.context)
     kept_small, scores_small = llm.kv_positions().copy(), llm.kv_scores()["scores"].copy()
 
-    monkeypatch.setattr(kvgguf.llama, "RECONSTRUCTION_BATCH_CPU", llm.n_batch)
+    monkeypatch.setattr(kvzip, "BATCH_CPU", llm.n_batch)
     llm.prefill(tokens.context)
     np.testing.assert_allclose(llm.kv_scores()["scores"], scores_small, rtol=1e-4, atol=1e-6)
     assert llm.kv_positions().tolist() == kept_small.tolist()

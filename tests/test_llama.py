@@ -12,6 +12,7 @@ from kvgguf.text import haystack
 import kvgguf
 from kvgguf import Llama
 from kvgguf._native import LIB_DIR, llama_cpp_api
+from kvtest import last_logits
 
 QUESTION = "\n\nQuestion: What is the secret code for the vault? Answer with the number."
 
@@ -82,7 +83,8 @@ def test_eviction_after_prefill_keeps_the_budget(model_path):
         again = llm.create_chat_completion(vault_messages(30), max_tokens=4, temperature=0)
         n_prompt = again["usage"]["prompt_tokens"]
         assert llm.kv_stats()["history"][-1] == {"cells_before": n_prompt, "freed": n_prompt - (20 + int(np.ceil(
-            0.25 * (n_prompt - 20)))), "cells_after": 20 + int(np.ceil(0.25 * (n_prompt - 20))), "granularity": "token"}
+            0.25 * (n_prompt - 20)))), "cells_after": 20 + int(np.ceil(0.25 * (n_prompt - 20))), "granularity": "token",
+            "compacted": True}
     finally:
         llm.close()
 
@@ -183,7 +185,7 @@ def test_reset_then_eval_decodes_over_a_compressed_cache_like_a_plain_model(mode
         assert llm.kv_stats()["evictions"] == 1
         assert llm.kv_positions().tolist() == list(range(n_tokens))
         plain.eval(tokens)
-        assert np.array_equal(np.array(llm.eval_logits[-1]), np.array(plain.eval_logits[-1]))
+        assert np.array_equal(last_logits(llm), last_logits(plain))
     finally:
         llm.close()
         plain.close()
@@ -191,7 +193,7 @@ def test_reset_then_eval_decodes_over_a_compressed_cache_like_a_plain_model(mode
 
 def next_logits(llm: Llama, token: int) -> np.ndarray:
     llm.eval([token])
-    return np.array(llm.eval_logits[-1])
+    return last_logits(llm)
 
 
 def test_snapshot_restore_gives_identical_logits(model_path):

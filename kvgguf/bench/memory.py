@@ -136,11 +136,7 @@ def markdown(results: dict[str, Any], env: dict[str, Any]) -> str:
 
 
 def plot(results: dict[str, Any], path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = report.pyplot()
     rows = results["rows"]
     labels = [row["policy"] for row in rows]
     fig, ax = plt.subplots(figsize=(6.5, 3.8))

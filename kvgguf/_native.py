@@ -7,15 +7,13 @@ library, and declares ctypes signatures for the functions our patches add.
 from __future__ import annotations
 
 import ctypes
+import importlib.metadata
 import logging
 import os
 import sys
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
-
-LIB_DIR = Path(__file__).resolve().parent / "lib"
-
 
 def _shared_library_name(base: str) -> str:
     if sys.platform == "win32":
@@ -25,11 +23,26 @@ def _shared_library_name(base: str) -> str:
     return f"lib{base}.so"
 
 
+def _library_dir() -> Path:
+    """``kvgguf/lib`` next to this file; imported from a source checkout (which has no build in it), the
+    installed package's."""
+    here = Path(__file__).resolve().parent / "lib"
+    if (here / _shared_library_name("llama")).exists():
+        return here
+    try:
+        installed = Path(str(importlib.metadata.distribution("kvgguf").locate_file("kvgguf/lib"))).resolve()
+    except importlib.metadata.PackageNotFoundError:
+        installed = None
+    if installed is not None and (installed / _shared_library_name("llama")).exists():
+        return installed
+    raise ImportError(f"kvgguf's native libraries are missing from {here} and kvgguf is not installed; install it "
+                      "(bash scripts/install.sh, see README.md)")
+
+
+LIB_DIR = _library_dir()
+
+
 def _point_llama_cpp_at_our_library() -> None:
-    if not (LIB_DIR / _shared_library_name("llama")).exists():
-        raise ImportError(
-            f"kvgguf's native libraries are missing from {LIB_DIR}; reinstall kvgguf (see README.md)"
-        )
     previous = os.environ.get("LLAMA_CPP_LIB_PATH")
     if previous and Path(previous).resolve() != LIB_DIR:
         logger.warning("LLAMA_CPP_LIB_PATH=%s is replaced by kvgguf's own build at %s", previous, LIB_DIR)

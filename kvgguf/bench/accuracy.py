@@ -20,7 +20,8 @@ from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 from tqdm import tqdm
 
 from .._native import llama_cpp_api
-from ..llama import KVSnapshot, Llama
+from ..contexts import KVSnapshot
+from ..llama import Llama
 from ..models import resolve_model
 from ..policies import POLICIES
 from ..settings import DEFAULT_WINDOW, GRANULARITIES, validate_settings
@@ -243,11 +244,7 @@ def markdown(summary: list[dict[str, Any]], env: dict[str, Any],
 
 
 def plot(summary: list[dict[str, Any]], path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = report.pyplot()
     tasks = sorted({s["task"] for s in summary})
     fig, axes = plt.subplots(1, len(tasks), figsize=(3.2 * len(tasks), 3.2), sharey=True, squeeze=False)
     for ax, task in zip(axes[0], tasks, strict=True):

@@ -1,24 +1,33 @@
 """Eviction policies by name. A new method is one module here plus one entry in POLICIES."""
 from __future__ import annotations
 
-from .base import Policy, ScoreInput
+from typing import TYPE_CHECKING
+
+from .base import Policy
+from .h2o import H2OPolicy
 from .kvzip import KVzipPolicy
 from .snapkv import SnapKVPolicy
 from .streaming import StreamingPolicy
 
 POLICIES: dict[str, type[Policy]] = {
+    H2OPolicy.name: H2OPolicy,
     KVzipPolicy.name: KVzipPolicy,
     SnapKVPolicy.name: SnapKVPolicy,
     StreamingPolicy.name: StreamingPolicy,
 }
 
 
-def get_policy(name: str) -> Policy:
+if TYPE_CHECKING:
+    from ..settings import EvictionSettings
+
+
+def get_policy(name: str, settings: EvictionSettings) -> Policy:
     """Instantiate the policy registered as ``name``; ValueError names the bad value and the known ones."""
     try:
-        return POLICIES[name]()
+        policy_class = POLICIES[name]
     except (KeyError, TypeError):
         raise ValueError(f"unknown kv_eviction policy {name!r}; known: {sorted(POLICIES)}") from None
+    return policy_class(settings)
 
 
-__all__ = ["POLICIES", "Policy", "ScoreInput", "get_policy"]
+__all__ = ["POLICIES", "Policy", "get_policy"]

@@ -4,7 +4,8 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
-from .base import Policy, ScoreInput
+from ..scoring import ScoringContext
+from .base import Policy
 
 
 class StreamingPolicy(Policy):
@@ -12,5 +13,5 @@ class StreamingPolicy(Policy):
 
     name = "streaming"
 
-    def score(self, inputs: ScoreInput) -> npt.NDArray[np.float32]:
-        return inputs.positions.astype(np.float32)
+    def score(self, scoring: ScoringContext) -> npt.NDArray[np.float32]:
+        return scoring.positions().astype(np.float32)

@@ -1,7 +1,8 @@
 """The one eviction engine: select cells from scores -> remove them in one batched call -> compact.
 
-Policies only produce scores; this module turns scores and a budget into kept cells, using the functions our
-patches add to llama.cpp (``llama_memory_seq_rm_pos``, ``llama_kv_compact``) and libkvgguf's selection.
+Policies produce scores; this module turns scores and a budget into kept cells, using the functions our patches
+add to llama.cpp (``llama_memory_seq_rm_pos``, ``llama_kv_compact``) and libkvgguf's selection, and maps the
+policies' per-cell state (``CellState``) through every eviction.
 """
 from __future__ import annotations
 
@@ -72,6 +73,46 @@ class KVCacheView:
         )
 
 
+class CellState:
+    """A policy's per-cell state: one array whose last axis follows the sequence's cells in position order,
+    ``[n_cells]`` (per token) or ``[n_layer, n_head_kv, n_cells]`` (per KV head). The engine keeps it aligned
+    through every eviction (each kept cell keeps its value; per head after a head-granular one); cells decoded
+    after the array's end are the policy's to ``extend``."""
+
+    def __init__(self, values: npt.NDArray | None = None) -> None:
+        self.values = values
+
+    @property
+    def n_cells(self) -> int:
+        return 0 if self.values is None else int(self.values.shape[-1])
+
+    def clear(self) -> None:
+        self.values = None
+
+    def extend(self, n_cells: int, fill: float = 0.0) -> npt.NDArray:
+        """Grow to ``n_cells`` cells, the new ones set to ``fill``; returns the array."""
+        if self.values is None:
+            raise ValueError("extend() of an empty CellState: set its values first")
+        n_new = n_cells - self.n_cells
+        if n_new > 0:
+            pad = np.full(self.values.shape[:-1] + (n_new,), fill, dtype=self.values.dtype)
+            self.values = np.concatenate([self.values, pad], axis=-1)
+        return self.values
+
+    def keep(self, kept: npt.NDArray[np.int32], n_cells: int) -> None:
+        """The eviction of ``n_cells`` cells kept ``kept`` ([n_keep], or [n_layer, n_head_kv, n_keep] per head)."""
+        if self.values is None:
+            return
+        if self.n_cells != n_cells:
+            raise ValueError(f"a CellState of {self.n_cells} cells at an eviction of {n_cells} cells")
+        if kept.ndim == 1:
+            self.values = np.ascontiguousarray(self.values[..., kept])
+        elif self.values.ndim == 3:
+            self.values = np.take_along_axis(self.values, kept.astype(np.intp), axis=2)
+        else:
+            raise ValueError("a per-token CellState can not follow a head-granular eviction")
+
+
 @dataclass
 class KVStats:
     """What eviction did to the cache, cumulative over a ``Llama``'s life (see ``Llama.kv_stats``)."""
@@ -138,11 +179,14 @@ class EvictionEngine:
         self._head_layout = None
 
     def evict(self, positions: npt.NDArray[np.int32], scores: npt.NDArray[np.float32], n_keep: int,
-              protect: npt.NDArray[np.bool_], score_s: float = 0.0) -> int:
+              protect: npt.NDArray[np.bool_], score_s: float = 0.0, states: tuple[CellState, ...] = (),
+              compact: bool = True) -> int:
         """Keep ``n_keep`` of the cells at ``positions`` (the sequence's cells, ascending).
 
         ``scores`` is ``[n_cells]`` (token-level: one decision per cell) or ``[n_layer, n_head_kv, n_cells]``
         (head-granular: each KV head keeps its own ``n_keep`` tokens). Protected cells are kept everywhere.
+        ``states`` follow the kept cells. ``compact=False`` (token-level only) leaves the freed cells as holes
+        for the next tokens to fill instead of moving the kept rows to the front.
         Returns the number of cells freed.
         """
         n_cells = positions.size
@@ -160,6 +204,8 @@ class EvictionEngine:
         t0 = time.perf_counter()
         keep_idx = select_topk(scores, n_keep, protect)
         self.last_kept = keep_idx
+        for state in states:
+            state.keep(keep_idx, n_cells)
         if head_granular:
             t1 = time.perf_counter()
             freed = self.cache.compact(positions[keep_idx])
@@ -172,7 +218,8 @@ class EvictionEngine:
             removed[keep_idx] = False
             freed = self.cache.remove(positions[removed])
             t1 = time.perf_counter()
-            freed += self.cache.compact(None)
+            if compact:
+                freed += self.cache.compact(None)
         t2 = time.perf_counter()
 
         stats = self.stats
@@ -186,7 +233,8 @@ class EvictionEngine:
         stats.evict_s += t1 - t0
         stats.compact_s += t2 - t1
         stats.history.append({"cells_before": n_cells, "cells_after": stats.cells_after, "freed": freed,
-                              "granularity": "head" if head_granular else "token"})
+                              "granularity": "head" if head_granular else "token",
+                              "compacted": head_granular or compact})
         logger.debug("evicted %d of %d cells (%s-level); attention window %d -> %d", freed, n_cells,
                      "head" if head_granular else "token", attended_before, stats.attended_after)
         return freed

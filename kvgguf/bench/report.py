@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
 import os
@@ -25,9 +26,9 @@ RECONSTRUCTION_CELLS = 1024
 
 def cells_for(policies: list[str], n_cells: int) -> int:
     """n_ctx for ``n_cells`` of prompt and generation, plus KVzip's reconstruction room when a policy needs it."""
-    from ..settings import validate_settings
+    from ..policies import POLICIES
 
-    reconstructs = any(validate_settings(policy).policy().observes_reconstruction for policy in policies)
+    reconstructs = any(POLICIES[policy].decodes_to_score for policy in policies if policy in POLICIES)
     return n_cells + (RECONSTRUCTION_CELLS if reconstructs else 0)
 
 
@@ -38,10 +39,30 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-o", "--output", default=str(DEFAULT_OUTPUT), help="folder for JSON/markdown/PNG")
 
 
-def save_figure(fig: Any, path: Path) -> Path:
-    """Write a matplotlib figure as PNG and release it."""
+BENCH_EXTRA_MISSING = ("kvgguf bench plots with matplotlib, which a plain install leaves out: "
+                       "pip install 'kvgguf[bench]'")
+
+
+def check_bench_extra() -> None:
+    """ValueError (one line for the CLI) when the [bench] extra is not installed."""
+    if importlib.util.find_spec("matplotlib") is None:
+        raise ValueError(BENCH_EXTRA_MISSING)
+
+
+def pyplot() -> Any:
+    """matplotlib.pyplot, drawing to files only (the Agg back-end)."""
+    check_bench_extra()
+    import matplotlib
+
+    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def save_figure(fig: Any, path: Path) -> Path:
+    """Write a matplotlib figure as PNG and release it."""
+    plt = pyplot()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -92,6 +92,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(name)s: %(message)s")
     try:
+        if args.command == "bench":
+            from .bench.report import check_bench_extra
+
+            check_bench_extra()
         return args.run(args)
     except ValueError as error:  # bad values in the arguments: say which, without a traceback
         if args.verbose:

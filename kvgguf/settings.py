@@ -24,9 +24,12 @@ class EvictionSettings:
     window: int
     sink: int
     granularity: str
+    # decoding: every this many decoded tokens the cache goes back to the budget (policies that observe decoding)
+    evict_every: int | None = None
 
     def policy(self) -> Policy:
-        return get_policy(self.policy_name)
+        """A new instance of the policy, with no cell state yet."""
+        return get_policy(self.policy_name, self)
 
     def target_cells(self, n_cells: int) -> int:
         """Cells to keep out of ``n_cells`` (never fewer than the protected ones, never more than n_cells)."""
@@ -48,11 +51,11 @@ def _check_int(name: str, value: object, minimum: int) -> int:
 
 def validate_settings(kv_eviction: str | None, kv_keep: float | None = None, kv_budget: int | None = None,
                       kv_window: int = DEFAULT_WINDOW, kv_sink: int = DEFAULT_SINK,
-                      kv_granularity: str | None = None) -> EvictionSettings | None:
+                      kv_granularity: str | None = None, kv_evict_every: int | None = None) -> EvictionSettings | None:
     """Check the user's eviction arguments; returns None when eviction is off."""
     if kv_eviction is None:
-        if kv_keep is not None or kv_budget is not None or kv_granularity is not None:
-            raise ValueError("kv_keep / kv_budget / kv_granularity need a kv_eviction policy "
+        if kv_keep is not None or kv_budget is not None or kv_granularity is not None or kv_evict_every is not None:
+            raise ValueError("kv_keep / kv_budget / kv_granularity / kv_evict_every need a kv_eviction policy "
                              f"(one of {sorted(POLICIES)})")
         return None
     if not isinstance(kv_eviction, str) or kv_eviction not in POLICIES:
@@ -88,5 +91,15 @@ def validate_settings(kv_eviction: str | None, kv_keep: float | None = None, kv_
     else:
         granularity = kv_granularity
 
+    evict_every = None
+    if kv_evict_every is not None:
+        if not policy_class.observes_decode:
+            observing = sorted(name for name, cls in POLICIES.items() if cls.observes_decode)
+            raise ValueError(f"kv_evict_every needs a policy that observes decoding (one of {observing}); "
+                             f"{kv_eviction!r} scores at prefill")
+        evict_every = _check_int("kv_evict_every", kv_evict_every, 1)
+    elif policy_class.observes_decode:
+        evict_every = policy_class.default_evict_every
+
     return EvictionSettings(policy_name=kv_eviction, keep=keep, budget=budget, window=window, sink=sink,
-                            granularity=granularity)
+                            granularity=granularity, evict_every=evict_every)

@@ -22,7 +22,9 @@ its prefill time / ``off``'s in the same round; each round runs KVzip's forward 
 compression, so that the pairs on which KVzip's cost and floor are judged are measured back to back (this machine's speed drifts by 10% over
 minutes). Decode speeds are medians of single-token latencies taken in interleaved rounds, so machine noise hits
 every configuration alike. The results are ratios within one run.
-At the longest length it also times the removal of ``L - keep * L`` scattered cells in one call.
+At the longest length it also times the removal of ``L - keep * L`` scattered cells in one call, and at
+``DECODE_EVICTION_CELLS`` cells what one decode-time eviction of a few cells costs (what ``kv_evict_every`` does):
+left as holes for the next tokens, beside the same eviction with a compaction, and a decode step.
 """
 from __future__ import annotations
 
@@ -41,9 +43,9 @@ import numpy as np
 from tqdm import tqdm
 
 from .._native import LIB_DIR
-from ..engine import KVCacheView
 from ..llama import Llama
 from ..models import resolve_model
+from ..policies import POLICIES
 from ..settings import validate_settings
 from ..text import haystack
 from . import report
@@ -91,15 +93,16 @@ class LocalRunner:
 
     def reconstruction_forward(self, tokens: list[int]) -> float:
         """Seconds of the policy's reconstruction forward alone, after a plain prefill of ``tokens``: the same
-        chunks and decodes as its scoring (``Llama._reconstruct``), without the tap. KVzip's compression can cost
-        no less than a prefill plus this; the difference is what scoring adds to the forward."""
+        chunks and decodes as its scoring (``Policy.scoring_forward``), without the tap. KVzip's compression can
+        cost no less than a prefill plus this; the difference is what scoring adds to the forward."""
         llm = self.llm
         llm.reset()
         llm.eval(tokens)  # no prompt pending: a plain prefill (the runner's reconstruction reserve stays free)
-        chunks = llm._reconstruction_chunks(np.arange(llm.n_tokens), llm._reconstruction_room(llm.n_tokens))
+        controller = llm.kv_controller
         start = time.perf_counter()
-        llm._reconstruct(chunks, observe=None)
+        controller.policy.scoring_forward(controller.scoring)
         elapsed = time.perf_counter() - start
+        controller.scoring.finish()
         llm.reset()
         return elapsed
 
@@ -113,7 +116,7 @@ class LocalRunner:
         return latencies
 
     def state(self) -> dict[str, Any]:
-        cache = self.llm._kv_engine.cache
+        cache = self.llm.kv_controller.engine.cache
         return {"cells": cache.n_cells(), "attended": cache.n_attended()}
 
     def close(self) -> None:
@@ -174,7 +177,7 @@ def measure_length(model: str, length: int, keep: float, policies: list[str], ro
     budget = max(1, int(round(keep * length)))
     n_ctx = length + n_decode * rounds + 256
     runners: dict[str, LocalRunner | BaselineRunner] = {"off": LocalRunner(model, n_ctx, threads)}
-    reconstructing = [p for p in policies if validate_settings(p).policy().observes_reconstruction]
+    reconstructing = [p for p in policies if POLICIES[p].decodes_to_score]
     # in each round a reconstruction policy prefills right after off (its cost target is the ratio of the two)
     for policy in reconstructing + [p for p in policies if p not in reconstructing]:
         runners[policy] = LocalRunner(model, report.cells_for([policy], n_ctx), threads, kv_eviction=policy,
@@ -239,7 +242,7 @@ def time_scattered_removal(model: str, length: int, keep: float, threads: int) -
     """One ``llama_memory_seq_rm_pos`` call removing ``length - keep * length`` random cells, then compaction."""
     runner = LocalRunner(model, length + 64, threads)
     runner.prefill(filler_tokens(runner.llm, length))
-    cache = KVCacheView(runner.llm._ctx.ctx, 0)
+    cache = runner.llm.kv_controller.engine.cache
     rng = np.random.default_rng(0)
     n_remove = length - max(1, int(round(keep * length)))
     removed = rng.choice(length - 1, size=n_remove, replace=False).astype(np.int32)
@@ -252,6 +255,42 @@ def time_scattered_removal(model: str, length: int, keep: float, threads: int) -
     runner.close()
     return {"length": length, "cells": int(n_remove), "freed": int(freed), "remove_s": remove_s,
             "compact_s": compact_s}
+
+
+DECODE_EVICTION_CELLS = 4096
+DECODE_EVICTION_SIZES = (1, 16, 64)
+
+
+def time_decode_eviction(model: str, threads: int, n_cells: int = DECODE_EVICTION_CELLS,
+                         sizes: tuple[int, ...] = DECODE_EVICTION_SIZES, repeats: int = 5) -> dict[str, Any]:
+    """One token-level eviction of a few cells at ``n_cells`` cells (the engine's selection and batched removal),
+    leaving holes, then the decode steps that refill them; the same eviction with a compaction after it. Medians
+    over ``repeats``."""
+    # a policy whose budget is never reached: the cache counts cells, not positions, and nothing else evicts
+    runner = LocalRunner(model, n_cells + 2 * max(sizes) + 64, threads, kv_eviction="streaming", kv_budget=n_cells)
+    llm = runner.llm
+    llm.eval(filler_tokens(llm, n_cells))
+    engine = llm.kv_controller.engine
+    rng = np.random.default_rng(0)
+    refill = filler_tokens(llm, max(sizes) + 1, seed=1)[1:]
+    out: dict[str, Any] = {"cells": n_cells, "rows": []}
+    for size in sizes:
+        timings: dict[str, list[float]] = {"holes_s": [], "compacted_s": [], "decode_step_s": []}
+        for _ in range(repeats):
+            for compact in (False, True):
+                positions = engine.cache.positions()
+                protect = np.zeros(positions.size, dtype=bool)
+                protect[-1] = True
+                scores = rng.random(positions.size).astype(np.float32)
+                start = time.perf_counter()
+                engine.evict(positions, scores, positions.size - size, protect, compact=compact)
+                timings["compacted_s" if compact else "holes_s"].append(time.perf_counter() - start)
+                timings["decode_step_s"] += runner.decode(refill[:size])  # refills the holes (or the freed tail)
+        row = {"evicted": size, **{key: statistics.median(values) for key, values in timings.items()},
+               "attended_after_refill": engine.cache.n_attended()}
+        out["rows"].append(row)
+    runner.close()
+    return out
 
 
 def paired_ratios(numerator_s: list[float], denominator_s: list[float]) -> list[float]:
@@ -294,7 +333,7 @@ def targets(summary: list[dict[str, Any]], removal: dict[str, Any], policies: li
     met = {f"{p}: compressed decode >= 0.95 x fresh at {longest['length']}": longest[p]["decode_vs_fresh"] >= 0.95
            for p in policies}
     for p in policies:
-        if validate_settings(p).policy().observes_reconstruction:
+        if POLICIES[p].decodes_to_score:
             # the reconstruction forward is the method; the tap must add little to it
             met[f"{p}: compression <= {KVZIP_MAX_PREFILL_RATIO}x plain prefill at every length"] = all(
                 entry[p]["prefill_ratio"] <= KVZIP_MAX_PREFILL_RATIO for entry in summary)
@@ -322,10 +361,11 @@ def run(model: str, lengths: list[int], keep: float, policies: list[str], rounds
                                baseline_lib, progress)
     progress.close()
     removal = time_scattered_removal(model, max(lengths), keep, threads)
+    decode_eviction = time_decode_eviction(model, threads)
     summary = ratios(rows, policies)
     return {"lengths": lengths, "keep": keep, "policies": policies, "rounds": rounds, "prefill_rounds": prefill_rounds,
             "n_decode_per_round": n_decode, "baseline_library": str(baseline_lib) if baseline_lib else None,
-            "rows": rows, "ratios": summary, "remove_scattered": removal,
+            "rows": rows, "ratios": summary, "remove_scattered": removal, "decode_eviction": decode_eviction,
             "targets": targets(summary, removal, policies)}
 
 
@@ -382,19 +422,23 @@ def markdown(results: dict[str, Any], env: dict[str, Any]) -> str:
         lines.append(line)
     removal = results["remove_scattered"]
     lines += ["", f"Removing {removal['cells']} scattered cells of {removal['length']} in one call: "
-              f"{1000 * removal['remove_s']:.2f} ms; compaction after it {1000 * removal['compact_s']:.1f} ms.", "",
-              "| target | met |", "|---|---|"]
+              f"{1000 * removal['remove_s']:.2f} ms; compaction after it {1000 * removal['compact_s']:.1f} ms.", ""]
+    if "decode_eviction" in results:
+        eviction = results["decode_eviction"]
+        lines += [f"A decode-time eviction of a few cells at {eviction['cells']} cells (selection + batched removal; "
+                  "`kv_evict_every` leaves the holes for the next tokens), beside the same eviction compacted, and "
+                  "a decode step:", "", "| cells evicted | holes left | compacted | decode step |", "|---|---|---|---|"]
+        lines += [f"| {row['evicted']} | {1000 * row['holes_s']:.2f} ms | {1000 * row['compacted_s']:.1f} ms | "
+                  f"{1000 * row['decode_step_s']:.1f} ms |" for row in eviction["rows"]]
+        lines.append("")
+    lines += ["| target | met |", "|---|---|"]
     lines += [f"| {name} | {met} |" for name, met in results["targets"].items()]
     lines.append("")
     return "\n".join(lines)
 
 
 def plot(results: dict[str, Any], path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = report.pyplot()
     fig, (ax_decode, ax_prefill) = plt.subplots(1, 2, figsize=(10, 3.8))
     configs = list(dict.fromkeys(row["config"] for row in results["rows"]))
     for config in configs:

@@ -1,0 +1,318 @@
+"""The eviction controller: one per sequence, the one place that decides *when* and *how much* to evict.
+
+It holds the policy and its settings, the budget, the protected cells (the sinks or the chat template's head,
+the recent window, the newest cell) and the granularity, and it drives the sequence's decodes:
+  - a prompt is prefilled in pieces that fit the cache, with an eviction between pieces when it does not, and
+    evicted to the budget once it is all in;
+  - decoding that would overflow the cache evicts first (with some slack, so not at every token);
+  - a policy that observes decoding gets every decoded token's attention (``Policy.observe_step``), and with
+    ``kv_evict_every`` = W the cache is brought back to the budget every W decoded tokens, leaving the freed
+    cells as holes for the next tokens when that is cheaper than compacting.
+Policies score through the scoring context; the engine evicts. Nothing here knows what a policy decodes.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from ._native import libllama, llama_cpp_api
+from .chat import ChatTemplate
+from .engine import EvictionEngine
+from .policies import Policy
+from .scores import reduce_groups
+from .scoring import ScoringContext, ScoringHost, TapSpec
+from .settings import EvictionSettings
+
+logger = logging.getLogger(__name__)
+
+
+class EvictionController:
+    """Eviction for one sequence of a llama.cpp context (see the module docstring)."""
+
+    def __init__(self, host: ScoringHost, engine: EvictionEngine, scoring: ScoringContext,
+                 chat: ChatTemplate | None) -> None:
+        self.host = host
+        self.engine = engine
+        self.scoring = scoring
+        self.chat = chat
+        self.settings: EvictionSettings | None = None
+        self.policy: Policy | None = None
+        self.last_scores: dict[str, npt.NDArray] | None = None
+        self.lossy = False            # the cache is not a copy of the tokens (eviction, or a compressed context)
+        self._prompt_pending = False  # the next eval() is a prompt: prefill it with eviction
+        self._head_hint: int | None = None  # the template head's length, when the caller knows it (compress)
+        self._steps = 0               # tokens decoded since the last decode-time eviction (kv_evict_every)
+        self._decode_budget: int | None = None  # cells the cache goes back to while decoding (kv_evict_every)
+
+    # --- settings -----------------------------------------------------------------------------------------------
+
+    @property
+    def n_ctx(self) -> int:
+        return self.scoring.n_ctx
+
+    def check(self, settings: EvictionSettings | None) -> Policy | None:
+        """The policy for ``settings``, or ValueError if they can not work in this context."""
+        if settings is None:
+            return None
+        if libllama.llama_memory_n_attended(self.engine.cache.memory, self.host.seq_id) < 0:
+            raise ValueError(f"kv_eviction={settings.policy_name!r} needs a single attention KV cache; this model's "
+                             "memory (recurrent, hybrid or sliding-window + full caches) is not supported yet")
+        n_ctx = self.n_ctx
+        if settings.budget is not None and settings.budget > n_ctx:
+            raise ValueError(f"kv_budget={settings.budget} is larger than n_ctx={n_ctx}")
+        if settings.sink + settings.window + 2 > n_ctx:
+            raise ValueError(f"kv_sink + kv_window = {settings.sink + settings.window} leaves no room in "
+                             f"n_ctx={n_ctx}")
+        policy = settings.policy()
+        policy.check_fits(self.scoring, settings.sink + settings.window)
+        return policy
+
+    def configure(self, settings: EvictionSettings | None, policy: Policy | None = None) -> None:
+        """Use ``settings`` from now on (checked with ``check`` unless its policy is given)."""
+        if policy is None:
+            policy = self.check(settings)
+        self.scoring.stop()
+        self.settings, self.policy = settings, policy
+        self.last_scores = None
+        self._prompt_pending = False
+        self._steps = 0
+        self._decode_budget = None
+
+    @contextlib.contextmanager
+    def using(self, settings: EvictionSettings, head: int) -> Iterator[Policy]:
+        """Evict with ``settings`` inside the block (the prompt's first ``head`` cells are its template), then
+        go back to the settings before; the caller resets the cache afterwards."""
+        policy = self.check(settings)
+        assert policy is not None
+        self.scoring.stop()
+        previous = self.settings, self.policy, self.last_scores
+        self.settings, self.policy, self.last_scores = settings, policy, None
+        self._head_hint = head
+        try:
+            yield policy
+        finally:
+            self.scoring.stop()
+            self.settings, self.policy, self.last_scores = previous
+            self._prompt_pending = False
+            self._head_hint = None
+
+    # --- the sequence's life ------------------------------------------------------------------------------------
+
+    def reset(self) -> None:
+        """The cache was cleared."""
+        self.scoring.stop()
+        self.lossy = False
+        self.scoring.protected_head = 0
+        self._steps = 0
+        self._decode_budget = None
+        if self.policy is not None:
+            self.policy.reset()
+        self.engine.forget_layout()
+
+    def begin_prompt(self) -> None:
+        """The next ``eval`` is a prompt: with a policy, it is prefilled with eviction."""
+        self._prompt_pending = self.policy is not None
+
+    def restored(self, lossy: bool, protected_head: int = 0, policy_name: str | None = None,
+                 scores: npt.NDArray[np.float32] | None = None) -> None:
+        """A snapshot or a compressed context (made by ``policy_name``, its cells scored ``scores``) now fills
+        the cache."""
+        self.lossy = lossy
+        self.scoring.protected_head = protected_head
+        if scores is not None and self.policy is not None and self.policy.name == policy_name:
+            # the context's cells keep their scores; a decode-time eviction scores only what was decoded since
+            self.policy.resume(scores)
+
+    def eval(self, tokens: Sequence[int]) -> None:
+        """Decode ``tokens`` as the sequence's next ones, evicting as the settings say."""
+        tokens = list(tokens)
+        if self.policy is None:
+            n_cells = self.engine.cache.n_cells() if self.lossy else self.host.n_tokens
+            if n_cells + len(tokens) > self.n_ctx:
+                raise ValueError(f"the cache is full: {n_cells} cells + {len(tokens)} new tokens exceed "
+                                 f"n_ctx={self.n_ctx}; use a larger n_ctx, or kv_eviction= to evict while decoding")
+            return self.host.decode_tokens(tokens)
+        if self._prompt_pending:
+            self._prompt_pending = False
+            return self._prefill(tokens)
+        # cells past n_tokens (left by a reset(), say) are what llama-cpp-python's eval drops anyway: drop them
+        # before counting the room, or they would be evicted for, and scored, as if they were context
+        self._drop_stale_cells()
+        if self.engine.cache.n_cells() + len(tokens) > self.n_ctx - self.window - 1:
+            # the cache is about to fill: the next tokens may observe, as the prompt's last ones did at prefill
+            self.policy.observe_decode(self.scoring, self.host.n_tokens)
+        self._make_room(len(tokens))
+        return self._decode_and_evict_every(tokens)
+
+    # --- when to evict ------------------------------------------------------------------------------------------
+
+    @property
+    def window(self) -> int:
+        """Recent cells kept at every eviction, and the room left for observers (at least one)."""
+        assert self.settings is not None
+        return max(1, self.settings.window)
+
+    @property
+    def protected_head(self) -> int:
+        """The first cells never evicted: the sinks, or the chat template's head if longer."""
+        assert self.settings is not None
+        return max(self.settings.sink, self.scoring.protected_head)
+
+    def reserve(self) -> int:
+        """Cells kept free for the policy's scoring decodes."""
+        return self.policy.reserve(self.scoring) if self.policy is not None else 0
+
+    def _drop_stale_cells(self) -> None:
+        llama_cpp_api.llama_memory_seq_rm(self.engine.cache.memory, -1, self.host.n_tokens, -1)
+
+    def _prefill(self, tokens: list[int]) -> None:
+        """Prefill in pieces that fit the cache, evicting between pieces, then evict to the budget."""
+        settings, policy = self.settings, self.policy
+        assert settings is not None and policy is not None
+        if policy.protects_template_head and not self.lossy:
+            # the cache holds every token so far as decoded: the head is read off the whole prompt, however it
+            # arrives (one prefill, or continuing a restored snapshot or an earlier prefill without eviction)
+            if self._head_hint is not None:
+                self.scoring.protected_head = self._head_hint
+            elif self.chat is not None:
+                self.scoring.protected_head = self.chat.head_length(
+                    self.host.token_ids()[:self.host.n_tokens].tolist() + tokens)
+        self._drop_stale_cells()
+        n_prompt_cells = self.engine.cache.n_cells() + len(tokens)
+        reserve = self.reserve()
+        n_ctx = self.n_ctx - reserve
+        fits = n_prompt_cells <= n_ctx
+        chunk = self.scoring.n_batch if fits else self._piece_size(reserve)  # pieces matter only between evictions
+        starts = list(range(0, len(tokens), chunk))
+        for i, start in enumerate(starts):
+            piece = tokens[start:start + chunk]
+            # evictions before the whole prompt is in decide per cell; the last one at the set granularity.
+            # (Measured with KVzip, a 3K context in 1K cells at keep 0.2: per-head evictions at every piece lost
+            # all three facts, per-cell ones kept them.)
+            self._make_room(len(piece), slack=False, granularity="token")
+            is_last = i == len(starts) - 1
+            next_len = 0 if is_last else min(chunk, len(tokens) - starts[i + 1])
+            if not policy.observes_decode and (is_last or self.engine.cache.n_cells() + len(piece) + next_len > n_ctx):
+                # an eviction follows this piece: its last tokens may observe
+                policy.observe_prompt(self.scoring, self.host.n_tokens + len(piece))
+            self._decode(piece)
+        # leave room for the observation window (or the scoring decodes) of a later, decode-time eviction
+        room_cap = self.n_ctx - self.window - 2 - reserve
+        target = dataclasses.replace(settings, sink=self.protected_head).target_cells(n_prompt_cells)
+        self.evict_to(min(target, room_cap))
+        self.scoring.stop()
+        self._decode_budget = None
+
+    def _piece_size(self, reserve: int) -> int:
+        assert self.settings is not None and self.policy is not None
+        room = self.n_ctx - self.protected_head - self.settings.window - 1 - reserve
+        piece = self.policy.prefill_piece(self.scoring) or self.scoring.n_batch
+        return max(1, min(piece, room // 2))
+
+    def _make_room(self, n_new: int, slack: bool = True, granularity: str | None = None) -> None:
+        """Evict before decoding ``n_new`` tokens if they would not fit in the n_ctx cells (less the policy's
+        reserve)."""
+        n_ctx = self.n_ctx - self.reserve()
+        if self.engine.cache.n_cells() + n_new <= n_ctx:
+            return
+        assert self.settings is not None
+        # only make room: the budget is applied once the whole prompt is known (a query-aware policy sees the
+        # question last). While decoding, a little slack keeps it from evicting at every step.
+        n_slack = min(n_ctx // 8, 256) if slack else 0
+        n_protected = self.protected_head + self.settings.window
+        self.evict_to(max(n_ctx - n_new - n_slack, n_protected + 1), granularity)
+        if self.engine.cache.n_cells() + n_new > n_ctx:
+            raise ValueError(f"cannot fit {n_new} new tokens into {n_ctx} cells with kv_sink + kv_window = "
+                             f"{n_protected} protected; use a larger n_ctx")
+
+    def _decode(self, tokens: list[int]) -> None:
+        """Decode ``tokens``; a policy that observes decoding is shown their attention over the cells."""
+        policy = self.policy
+        assert policy is not None
+        if not policy.observes_decode:
+            return self.host.decode_tokens(tokens)
+        position = self.host.n_tokens
+        self.scoring.observe(position, position + len(tokens), TapSpec(rows="mean", heads=policy.decode_heads))
+        try:
+            self.host.decode_tokens(tokens)
+            attention = self.scoring.observed()
+        finally:
+            self.scoring.stop()
+        if attention is not None:
+            policy.observe_step(attention, self.engine.cache.positions(), len(tokens))
+        return None
+
+    def _decode_and_evict_every(self, tokens: list[int]) -> None:
+        """Decode ``tokens`` (generation); with ``kv_evict_every`` = W, bring the cache back to the decode budget
+        after every W decoded tokens."""
+        settings = self.settings
+        assert settings is not None
+        if self._decode_budget is None:
+            # kv_budget, or else the cells the cache holds when decoding begins (after the prompt's eviction)
+            self._decode_budget = max(settings.budget or self.engine.cache.n_cells(),
+                                      self.protected_head + settings.window + 1)
+        self._decode(tokens)
+        if settings.evict_every is None:
+            return
+        self._steps += len(tokens)
+        if self._steps >= settings.evict_every:
+            self._steps = 0
+            if self.engine.cache.n_cells() > self._decode_budget:
+                self.evict_to(self._decode_budget, reuse_holes=True)
+
+    def evict_to(self, n_keep: int, granularity: str | None = None, reuse_holes: bool = False) -> None:
+        """Score the cells and keep ``n_keep`` of them (the protected ones among them). ``reuse_holes``: at
+        token granularity, leave the freed cells for the next tokens to fill when they are few (no compaction)."""
+        positions = self.engine.cache.positions()
+        if positions.size <= n_keep:
+            return
+        settings, policy = self.settings, self.policy
+        assert settings is not None and policy is not None
+        t0 = time.perf_counter()
+        try:
+            scores = policy.score(self.scoring)
+        finally:
+            self.scoring.finish()
+        self.last_scores = {"positions": positions, "scores": scores}
+        layout = self.engine.head_positions(positions)
+        if layout is not None:
+            self.last_scores["head_positions"] = layout
+        granularity = granularity or settings.granularity
+        if scores.ndim == 3 and granularity == "token":
+            # one decision per cell: the max over layers and heads
+            scores = reduce_groups(scores.reshape(-1, positions.size), scores.shape[0] * scores.shape[1], "max")[0]
+        score_s = time.perf_counter() - t0
+        protect = np.zeros(positions.size, dtype=bool)
+        protect[:self.protected_head] = True
+        protect[max(0, positions.size - settings.window):] = True
+        protect[-1] = True
+        self.scoring.stop()  # the scores follow cell indices, which the eviction changes
+        compact = True
+        if reuse_holes and scores.ndim == 1:
+            # holes are refilled by the next tokens (llama.cpp's slot search restarts at the first free cell
+            # once enough cells before its head are free): compact only when they would outnumber the tokens
+            # decoded before the next eviction
+            compact = positions.size - n_keep > (settings.evict_every or 1)
+        self.engine.evict(positions, scores, n_keep, protect, score_s=score_s, states=policy.cell_states(),
+                          compact=compact)
+        self.lossy = True
+
+    # --- what happened ------------------------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        """Cells before/after the last eviction, attention window, bytes freed, timings, KV bytes now/allocated."""
+        stats = self.engine.stats.as_dict()
+        stats["cells_now"] = self.engine.cache.n_cells()
+        stats["attended_now"] = self.engine.cache.n_attended()
+        # what the cache's cells hold now, and what llama.cpp allocated for n_ctx cells
+        stats["kv_bytes_now"] = stats["cells_now"] * stats["bytes_per_cell"]
+        stats["kv_bytes_allocated"] = self.n_ctx * stats["bytes_per_cell"]
+        stats["policy"] = self.settings.policy_name if self.settings else None
+        return stats
