@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import importlib.metadata
+import json
 import logging
 import os
 import sys
@@ -64,6 +65,9 @@ import llama_cpp.llama_cpp as llama_cpp_api  # noqa: E402
 libllama: ctypes.CDLL = llama_cpp_api._lib
 libkvgguf: ctypes.CDLL = ctypes.CDLL(str(LIB_DIR / _shared_library_name("kvgguf")))
 
+# which llama.cpp and which patch set built these libraries (cmake/prepare_llama.py --build-info)
+BUILD_INFO: dict = json.loads((LIB_DIR / "build_info.json").read_text())
+
 _int32 = ctypes.c_int32
 _int32_p = ctypes.POINTER(ctypes.c_int32)
 _int64 = ctypes.c_int64
@@ -83,6 +87,9 @@ _declare(libllama, "llama_memory_seq_positions", [_void_p, _int32, _int32_p, _in
 _declare(libllama, "llama_memory_seq_rm_pos", [_void_p, _int32, _int32_p, _int32], _int32)
 _declare(libllama, "llama_memory_n_attended", [_void_p, _int32], _int32)
 _declare(libllama, "llama_kv_compact", [_void_p, _int32, _int32_p, _int32], _int32)
+_declare(libllama, "llama_memory_seq_n_mixed", [_void_p, _int32, _int32, _int32], _int32)
+_declare(libllama, "llama_memory_seq_set_mixed", [_void_p, _int32, _int32_p, _int32], _int32)
+_declare(libllama, "llama_memory_can_compact_per_head", [_void_p], ctypes.c_bool)
 
 
 class AttnTapParams(ctypes.Structure):
@@ -116,6 +123,7 @@ KV_EVICT_ERRORS = {
     -5: "the newest position of the sequence cannot be evicted",
     -6: "invalid keep lists (empty, a repeated position, or a shared cell kept by only some heads)",
     -7: "moving the K/V rows failed (graph allocation or compute)",
+    -8: "keep lists that differ per KV head on a model with ALiBi (its bias needs each cell's one position)",
 }
 
 # kvgguf_status, mirrored from native/include/kvgguf.h
@@ -145,5 +153,5 @@ def check_kvgguf(code: int, what: str) -> None:
 
 
 __all__ = [
-    "AttnTapParams", "LIB_DIR", "NativeError", "check_kv", "check_kvgguf", "libkvgguf", "libllama", "llama_cpp", "llama_cpp_api",
+    "AttnTapParams", "BUILD_INFO", "LIB_DIR", "NativeError", "check_kv", "check_kvgguf", "libkvgguf", "libllama", "llama_cpp", "llama_cpp_api",
 ]

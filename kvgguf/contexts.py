@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
-from ._native import llama_cpp, llama_cpp_api
+from ._native import BUILD_INFO, llama_cpp, llama_cpp_api
 from .chat import CONTEXT_MARK, ChatLayout
 from .settings import DEFAULT_SINK, DEFAULT_WINDOW, validate_settings
 
@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from .llama import Llama
 
 MAGIC = b"KVGGUFCX"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the header records the library (llama.cpp and patch set) that wrote the state
 _PREAMBLE = struct.Struct("<8sIQ")
 _MAX_HEADER_BYTES = 1 << 24
 _ARRAY_DTYPES = {"int32": np.int32, "float32": np.float32, "uint8": np.uint8}
@@ -139,6 +139,7 @@ class CompressedContext:
             "keep": self.keep, "budget": self.budget, "n_protected": self.n_protected,
             "kept_ratio": self.kept_ratio, "n_tokens": self.n_tokens, "n_cells": self.n_cells,
             "chat": None if self.chat is None else self.chat.__dict__,
+            "library": library_identity(),
             "arrays": entries, "payload_sha256": hashlib.sha256(payload).hexdigest(),
         }
         header_bytes = json.dumps(header).encode()
@@ -150,6 +151,24 @@ class CompressedContext:
             handle.write(payload)
         os.replace(tmp, path)
         return path
+
+
+def library_identity() -> dict[str, Any]:
+    """Which llama.cpp and patch set built the library whose state a context file holds."""
+    return {key: BUILD_INFO[key] for key in ("llama_cpp_python", "patches", "patch_set")}
+
+
+def _check_library(path: Path, written_by: dict[str, Any]) -> None:
+    ours = library_identity()
+    if written_by.get("patch_set") == ours["patch_set"]:
+        return
+    theirs = written_by.get("patches", [])
+    differ = sorted(set(theirs) ^ set(ours["patches"])) or ["(same names, other contents)"]
+    raise ContextFileError(
+        f"{str(path)!r} holds llama.cpp state written by a kvgguf library built from llama-cpp-python "
+        f"{written_by.get('llama_cpp_python')} with patch set {str(written_by.get('patch_set'))[:12]}; this one is "
+        f"{ours['llama_cpp_python']} with patch set {ours['patch_set'][:12]} (patches that differ: "
+        f"{', '.join(differ)}): compress the context again with this kvgguf")
 
 
 def read_context_file(path: str | os.PathLike[str]) -> CompressedContext:
@@ -178,6 +197,7 @@ def read_context_file(path: str | os.PathLike[str]) -> CompressedContext:
                                    f"bytes, the header says {expected}")
         if hashlib.sha256(payload).hexdigest() != header["payload_sha256"]:
             raise ContextFileError(f"{str(path)!r} is corrupted (the payload's SHA-256 does not match its header)")
+        _check_library(path, header["library"])
         arrays = {name: _array(payload, entry) for name, entry in entries.items()}
         chat = header["chat"]
         return CompressedContext(

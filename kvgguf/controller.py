@@ -70,6 +70,10 @@ class EvictionController:
         if settings.sink + settings.window + 2 > n_ctx:
             raise ValueError(f"kv_sink + kv_window = {settings.sink + settings.window} leaves no room in "
                              f"n_ctx={n_ctx}")
+        if settings.granularity == "head" and not self.engine.cache.can_compact_per_head():
+            raise ValueError(f"kv_granularity='head' (for {settings.policy_name!r}) is not possible with this model: "
+                             "it uses ALiBi, whose bias comes from each cell's one position, and a per-head "
+                             "eviction fills cells with different tokens per KV head; use kv_granularity='token'")
         policy = settings.policy()
         policy.check_fits(self.scoring, settings.sink + settings.window)
         return policy
@@ -302,6 +306,41 @@ class EvictionController:
             compact = positions.size - n_keep > (settings.evict_every or 1)
         self.engine.evict(positions, scores, n_keep, protect, score_s=score_s, states=policy.cell_states(),
                           compact=compact)
+        self.lossy = True
+
+    def shift(self, p0: int, p1: int, delta: int) -> None:
+        """Move the cached tokens at positions [p0, p1) by ``delta`` (llama.cpp's K-shift); the token ids follow.
+        ValueError, with nothing changed, where llama.cpp would refuse or the result would be wrong: a cache that
+        can not shift, a range with a head-mixed cell in it (it has no single position), or positions that would
+        land below 0 or on positions the cache holds outside the range."""
+        memory = self.engine.cache.memory
+        if not llama_cpp_api.llama_memory_can_shift(memory):
+            raise ValueError("this model's cache can not shift positions")
+        mixed_tokens = self.engine.mixed_tokens()
+        n_mixed = self.engine.cache.n_mixed(p0, p1) + int(((mixed_tokens >= p0) & (mixed_tokens < p1)).sum())
+        if n_mixed:
+            raise ValueError(f"positions [{p0}, {p1}) hold tokens of cells that a per-head eviction filled with "
+                             "different tokens per KV head; such cells have no single position to shift")
+        positions = self.engine.cache.positions()
+        inside = (positions >= p0) & (positions < p1)
+        moved = positions[inside] + delta
+        if moved.size and moved.min() < 0:
+            raise ValueError(f"shifting [{p0}, {p1}) by {delta} would move position {int(positions[inside].min())} "
+                             "below 0")
+        collide = np.intersect1d(moved, positions[~inside])
+        if collide.size:
+            raise ValueError(f"shifting [{p0}, {p1}) by {delta} would put tokens on positions the cache holds "
+                             f"(e.g. {int(collide[0])}): remove those first")
+        llama_cpp_api.llama_memory_seq_add(memory, self.host.seq_id, p0, p1, delta)
+        n_tokens = self.host.n_tokens
+        ids = self.host.token_ids()
+        moved_ids = ids[p0:min(p1, n_tokens)].copy()
+        end = p0 + delta + moved_ids.size
+        self.host.grow(end)
+        self.host.token_ids()[p0 + delta:end] = moved_ids
+        if p1 >= n_tokens:
+            self.host.n_tokens = end  # the sequence's end moved with the range
+        self.engine.shift_layout(p0, p1, delta)
         self.lossy = True
 
     # --- what happened ------------------------------------------------------------------------------------------

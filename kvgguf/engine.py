@@ -60,6 +60,20 @@ class KVCacheView:
             "seq_rm_pos",
         )
 
+    def n_mixed(self, p0: int = -1, p1: int = -1) -> int:
+        """Cells with positions in [p0, p1) that hold different tokens per KV head (never shifted)."""
+        return check_kv(libllama.llama_memory_seq_n_mixed(self.memory, self.seq_id, p0, p1), "seq_n_mixed")
+
+    def set_mixed(self, positions: npt.ArrayLike) -> int:
+        """Mark the cells at ``positions`` as holding different tokens per KV head (after a state load)."""
+        pos = np.ascontiguousarray(positions, dtype=np.int32)
+        return check_kv(libllama.llama_memory_seq_set_mixed(self.memory, self.seq_id,
+                                                            pos.ctypes.data_as(_int32_p), pos.size), "seq_set_mixed")
+
+    def can_compact_per_head(self) -> bool:
+        """Whether KV heads may keep different cells (not with ALiBi: its bias needs each cell's one position)."""
+        return bool(libllama.llama_memory_can_compact_per_head(self.memory))
+
     def compact(self, keep: npt.ArrayLike | None = None) -> int:
         """Move kept entries to the front. ``keep``: None (token-level, after remove) or [n_layer, n_head_kv, n]."""
         if keep is None:
@@ -169,10 +183,31 @@ class EvictionEngine:
         return full
 
     def set_head_layout(self, layout: npt.NDArray[np.int32] | None) -> None:
-        """Say which tokens the first cells hold per head (after restoring a head-mixed cache); None: none."""
+        """Say which tokens the first cells hold per head (after restoring a head-mixed cache); None: none.
+        llama.cpp's state keeps one position per cell, not which cells are head-mixed: they are marked again
+        here, so that llama.cpp never shifts them."""
         if layout is not None and (layout.ndim != 3 or layout.shape[:2] != (self.n_layer, self.n_head_kv)):
             raise ValueError(f"head layout has shape {layout.shape}, expected ({self.n_layer}, {self.n_head_kv}, n)")
         self._head_layout = None if layout is None else np.ascontiguousarray(layout, dtype=np.int32)
+        if layout is not None:
+            columns = layout.reshape(-1, layout.shape[2])
+            mixed = (columns != columns[0]).any(axis=0)
+            if mixed.any():
+                self.cache.set_mixed(columns[:, mixed].max(axis=0))
+
+    def shift_layout(self, p0: int, p1: int, delta: int) -> None:
+        """The tokens at positions [p0, p1) moved by ``delta`` (none of them in a head-mixed cell)."""
+        if self._head_layout is not None:
+            inside = (self._head_layout >= p0) & (self._head_layout < p1)
+            self._head_layout[inside] += delta
+
+    def mixed_tokens(self) -> npt.NDArray[np.int32]:
+        """The positions of every token that a head-mixed cell holds in some KV head, ascending."""
+        if self._head_layout is None:
+            return np.zeros(0, dtype=np.int32)
+        columns = self._head_layout.reshape(-1, self._head_layout.shape[2])
+        mixed = (columns != columns[0]).any(axis=0)
+        return np.unique(columns[:, mixed])
 
     def forget_layout(self) -> None:
         """The cache was cleared."""

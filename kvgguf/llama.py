@@ -12,6 +12,7 @@ reused as a token prefix by a later call.
 """
 from __future__ import annotations
 
+import numbers
 import os
 from collections.abc import Generator, Sequence
 from typing import Any
@@ -235,6 +236,19 @@ class Llama(llama_cpp.Llama):
         parameters) or by a compressed context; the next ``prefill(..., reset=False)`` or
         ``generate(..., reset=False)`` continues it."""
         self._kv_contexts.restore(snapshot)
+
+    def kv_shift(self, delta: int, p0: int = 0, p1: int | None = None) -> None:
+        """Move the cached tokens at positions [p0, p1) (p1: to the end) by ``delta``, as llama.cpp's context
+        shift does (llama_memory_seq_add); input_ids and n_tokens follow. ValueError, nothing changed, for a
+        range that holds a cell a per-head eviction filled (no single position), or positions that would fall
+        below 0 or onto ones the cache holds."""
+        p1 = self.n_tokens if p1 is None else p1
+        for name, value in (("delta", delta), ("p0", p0), ("p1", p1)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise ValueError(f"{name} must be an integer, got {value!r}")
+        if not 0 <= p0 < p1 or delta == 0:
+            raise ValueError(f"kv_shift needs 0 <= p0 < p1 and delta != 0, got p0={p0}, p1={p1}, delta={delta}")
+        self.kv_controller.shift(int(p0), int(p1), int(delta))
 
     # --- compressed contexts -----------------------------------------------------------------------------------
 

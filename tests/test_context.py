@@ -3,6 +3,8 @@ questions, from memory and from a file; bad files and bad values are refused and
 from __future__ import annotations
 
 import dataclasses
+import json
+import struct
 
 import numpy as np
 import pytest
@@ -91,6 +93,15 @@ def test_save_load_gives_the_same_answers_and_identical_logits(llm, context, tmp
         other.close()
 
 
+def with_header(data: bytes, change) -> bytes:
+    """A context file's bytes with its JSON header changed by ``change`` (the payload as it was)."""
+    magic, version, length = struct.unpack_from("<8sIQ", data)
+    header = json.loads(data[20:20 + length])
+    change(header)
+    encoded = json.dumps(header).encode()
+    return struct.pack("<8sIQ", magic, version, len(encoded)) + encoded + data[20 + length:]
+
+
 def test_bad_files_are_refused_and_the_model_stays_usable(llm, context, tmp_path):
     path = context.save(tmp_path / "good.kvc")
     data = path.read_bytes()
@@ -100,6 +111,9 @@ def test_bad_files_are_refused_and_the_model_stays_usable(llm, context, tmp_path
         "corrupted": (data[:-500] + bytes([data[-500] ^ 0xFF]) + data[-499:], "corrupted"),
         "empty": (b"", "not a kvgguf context file"),
         "newer version": (data[:8] + (99).to_bytes(4, "little") + data[12:], "version 99"),
+        "another patch set": (with_header(data, lambda header: header["library"].update(
+            patch_set="0" * 64, patches=header["library"]["patches"] + ["0099-other.patch"])),
+            "patch set 000000000000.*patches that differ: 0099-other.patch"),
     }
     for name, (content, message) in bad.items():
         (tmp_path / name).write_bytes(content)

@@ -1,0 +1,99 @@
+"""Tiny random-weight GGUF models written with gguf-py, for tests that need an architecture the other test models lack.
+
+``write_tiny_alibi_model`` writes an MPT model with ALiBi attention (no RoPE, no position embeddings), so tests can
+check what kvgguf allows on a model whose attention bias depends on the distance between query and key positions.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+N_LAYER = 2
+N_EMBD = 64
+N_HEAD = 4
+N_HEAD_KV = 4
+N_FF = 128
+N_CTX_TRAIN = 512
+MAX_ALIBI_BIAS = 8.0
+WEIGHT_SCALE = 0.02
+
+UNK_ID, BOS_ID, EOS_ID = 0, 1, 2
+SPACE = "\u2581"  # SentencePiece's word-boundary mark, which stands for " "
+
+
+def _spm_vocab() -> tuple[list[str], list[float], list[int]]:
+    """An SPM vocab: <unk>, <s>, </s>, the 256 byte-fallback tokens, then one token per printable ASCII character
+    (with the space written as the SentencePiece mark). Returns the tokens, their scores and their token types."""
+    import gguf
+
+    tokens = ["<unk>", "<s>", "</s>"]
+    types = [gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.CONTROL]
+    tokens += [f"<0x{byte:02X}>" for byte in range(256)]
+    types += [gguf.TokenType.BYTE] * 256
+    tokens += [SPACE] + [chr(code) for code in range(0x21, 0x7F)]
+    types += [gguf.TokenType.NORMAL] * (len(tokens) - len(types))
+    scores = [0.0] * (3 + 256) + [-float(i) for i in range(len(tokens) - 3 - 256)]
+    return tokens, scores, [int(t) for t in types]
+
+
+def write_tiny_alibi_model(path, seed: int = 0) -> str:
+    """Write a tiny random-weight MPT model that llama.cpp runs with ALiBi to ``path``; return the path as a string.
+
+    The model is for tests of what kvgguf allows on models that use ALiBi: ``mpt.attention.max_alibi_bias`` is 8.0,
+    so llama.cpp sets ``hparams.use_alibi`` and biases attention by key distance instead of rotating K. It has
+    2 layers, n_embd 64, 4 heads (4 KV heads), feed-forward 128, context length 512, f32 weights drawn from
+    ``numpy.random.default_rng(seed)`` (small, so logits are finite), layer norms with weight 1 and no bias, and an
+    output projection tied to the token embeddings. Its SPM vocab (byte fallback) tokenizes any text.
+    """
+    import gguf
+
+    rng = np.random.default_rng(seed)
+
+    def weight(*shape: int) -> np.ndarray:
+        return (rng.standard_normal(shape) * WEIGHT_SCALE).astype(np.float32)
+
+    def ones() -> np.ndarray:
+        return np.ones(N_EMBD, dtype=np.float32)
+
+    tokens, scores, types = _spm_vocab()
+    n_embd_gqa = N_EMBD // N_HEAD * N_HEAD_KV
+
+    writer = gguf.GGUFWriter(str(path), arch="mpt")
+    writer.add_name("tiny-alibi-mpt")
+    writer.add_context_length(N_CTX_TRAIN)
+    writer.add_embedding_length(N_EMBD)
+    writer.add_block_count(N_LAYER)
+    writer.add_feed_forward_length(N_FF)
+    writer.add_head_count(N_HEAD)
+    writer.add_head_count_kv(N_HEAD_KV)
+    writer.add_layer_norm_eps(1e-5)
+    writer.add_max_alibi_bias(MAX_ALIBI_BIAS)
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(tokens)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+    writer.add_unk_token_id(UNK_ID)
+    writer.add_bos_token_id(BOS_ID)
+    writer.add_eos_token_id(EOS_ID)
+    writer.add_add_bos_token(True)
+    writer.add_add_eos_token(False)
+
+    # gguf-py takes numpy shapes (rows, columns); llama.cpp reads them reversed as {ne0, ne1}.
+    writer.add_tensor("token_embd.weight", weight(len(tokens), N_EMBD))
+    writer.add_tensor("output_norm.weight", ones())
+    for layer in range(N_LAYER):
+        prefix = f"blk.{layer}"
+        writer.add_tensor(f"{prefix}.attn_norm.weight", ones())
+        writer.add_tensor(f"{prefix}.attn_qkv.weight", weight(N_EMBD + 2 * n_embd_gqa, N_EMBD))
+        writer.add_tensor(f"{prefix}.attn_output.weight", weight(N_EMBD, N_EMBD))
+        writer.add_tensor(f"{prefix}.ffn_norm.weight", ones())
+        writer.add_tensor(f"{prefix}.ffn_up.weight", weight(N_FF, N_EMBD))
+        writer.add_tensor(f"{prefix}.ffn_down.weight", weight(N_EMBD, N_FF))
+
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return str(path)
