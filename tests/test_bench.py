@@ -18,10 +18,16 @@ DOCS = Path(__file__).resolve().parent.parent / "docs" / "benchmarks"
 
 def test_bench_speed_writes_json_markdown_and_png(tmp_path, model_path):
     code = main(["bench", "speed", "-m", model_path, "--lengths", "300,600", "--keep", "0.5", "--n-decode", "2",
-                 "--rounds", "1", "--prefill-rounds", "1", "--no-baseline", "-o", str(tmp_path)])
+                 "--rounds", "1", "--prefill-rounds", "1", "--no-baseline", "--decode-eviction-cells", "400",
+                 "-o", str(tmp_path)])
     assert code == 0
     results = json.loads((tmp_path / "speed.json").read_text())
     schema.check("speed", results)
+    # one decode-time eviction of 1 / 16 / 64 cells at 400 cells, its holes refilled by as many decoded tokens
+    eviction = results["decode_eviction"]
+    assert eviction["cells"] == 400 and [row["evicted"] for row in eviction["rows"]] == [1, 16, 64]
+    assert all(row["holes_s"] > 0 and row["compacted_s"] > 0 for row in eviction["rows"])
+    assert all(row["attended_after_refill"] == 512 for row in eviction["rows"])  # 400 cells, padded to 256
     rows = {(row["length"], row["config"]): row for row in results["rows"]}
     assert set(rows) == {(length, config) for length in (300, 600)
                          for config in ("off", "snapkv", "streaming", "kvzip", "fresh")}
@@ -226,3 +232,16 @@ def test_bench_accuracy_runs_of_disjoint_seeds_merge_into_one(tmp_path, model_pa
         main(["bench", "merge-accuracy", str(tmp_path / "missing.json")])
     assert "cannot read accuracy results" in capsys.readouterr().err
     assert not (tmp_path / "twice").exists() and not (tmp_path / "other").exists()
+
+
+def test_bench_without_its_extra_says_which_to_install(model_path, capsys, monkeypatch):
+    """A plain install leaves matplotlib out (the [bench] extra): `kvgguf bench` says so in one line, exit 2."""
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *args: None if name == "matplotlib" else real_find_spec(name, *args))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "speed", "-m", model_path, "--lengths", "256"])
+    assert exit_info.value.code == 2
+    assert "pip install 'kvgguf[bench]'" in capsys.readouterr().err

@@ -1,10 +1,13 @@
 """kvpress beside kvgguf: the same GGUF model, the same token ids, kvpress's presses on a transformers cache.
 
-One generated niah_single sample of ~600 context tokens (seed 1) is the workload. Its needle lies in the half
-of the prompt that StreamingLLM evicts at keep 0.5 (the control below), so keeping the answer there is the
-selection's doing. Measured on SmolLM2-135M-Instruct Q4_1 (2 CPU threads): kvpress's full-cache answer is token
-for token llama.cpp's; SnapKV (query-aware) and KVzip (query-agnostic) at keep 0.5 keep the needle,
-StreamingLLM does not.
+The workload: generated niah_single samples of ~600 context tokens whose needle lies in the first half of the
+context, the half that StreamingLLM evicts at keep 0.5 (the control below), so keeping the answer there is the
+selection's doing: the first N_SAMPLES such seeds (a property of the sample, not of any answer). Measured on
+SmolLM2-135M-Instruct Q4_1 (2 CPU threads) over the first 8 such seeds (1, 4, 5, 8, 10, 11, 14, 15): kvpress's
+full-cache answer right 8/8 in both settings and token for token llama.cpp's 8/8; at keep 0.5 SnapKV
+(query-aware) 6/8, StreamingLLM 0/8, KVzip (query-agnostic) 8/8, kvpress's KVzip scores with our per-head and
+per-token selections 8/8 each. Asserted over the first 3 (seeds 1, 4, 5): at least 2 of 3 where it should keep the
+needle, at most 1 of 3 for the control.
 """
 from __future__ import annotations
 
@@ -19,7 +22,8 @@ from kvgguf.bench import accuracy, compare
 from kvgguf.bench.tasks import Sample, generate, score
 
 N_CONTEXT = 600
-SEED = 1                 # the needle sits in the first half: StreamingLLM at keep 0.5 loses it
+N_SAMPLES = 3
+SEED = 1                 # the sample whose scores are correlated (measured on it: see SPEARMAN_MEDIAN_BOUND)
 N_SCORED = 400
 # median over the 90 (layer, KV head) pairs of the Spearman correlation between kvgguf's SnapKV scores and
 # kvpress's, on a 447-token chat prompt: measured 0.953 (mean 0.950, min 0.855). Max- against avg-pooling and
@@ -40,14 +44,31 @@ def formatter(llm: Llama) -> Jinja2ChatFormatter:
     return llm.chat_formatter()
 
 
-@pytest.fixture(scope="module")
-def sample(llm: Llama) -> Sample:
-    return generate("niah_single", N_CONTEXT, SEED, lambda text: len(llm.tokenize(text.encode(), add_bos=False)))
+def needle_in_first_half(sample: Sample) -> bool:
+    return sample.context.index(sample.answers[0]) < len(sample.context) / 2
 
 
 @pytest.fixture(scope="module")
-def prompt(llm: Llama, formatter: Jinja2ChatFormatter, sample: Sample) -> accuracy.PromptTokens:
-    return accuracy.split_prompt(llm, formatter, sample)
+def samples(llm: Llama, formatter: Jinja2ChatFormatter) -> list[tuple[Sample, accuracy.PromptTokens]]:
+    count = lambda text: len(llm.tokenize(text.encode(), add_bos=False))  # noqa: E731
+    chosen = []
+    for seed in range(100):
+        sample = generate("niah_single", N_CONTEXT, seed, count)
+        if needle_in_first_half(sample):
+            chosen.append((sample, accuracy.split_prompt(llm, formatter, sample)))
+        if len(chosen) == N_SAMPLES:
+            return chosen
+    raise AssertionError("fewer than N_SAMPLES samples with the needle in the first half")
+
+
+@pytest.fixture(scope="module")
+def sample(samples) -> Sample:
+    return samples[0][0]
+
+
+@pytest.fixture(scope="module")
+def prompt(samples) -> accuracy.PromptTokens:
+    return samples[0][1]
 
 
 @pytest.fixture(scope="module")
@@ -68,32 +89,45 @@ def kvpress_text(llm: Llama, hf_model, prompt: accuracy.PromptTokens, method: st
     return llm.detokenize(tokens).decode("utf-8", errors="ignore"), cells
 
 
+AT_LEAST = N_SAMPLES - 1   # right answers (or identical ones) over the samples: one flip allowed
+AT_MOST = 1                # for the control that must lose the needle
+
+
 @pytest.mark.parametrize("setting", accuracy.SETTINGS)
-def test_full_cache_answer_is_right_and_matches_llama_cpp(llm, hf_model, prompt, sample, eos, setting):
-    text, cells = kvpress_text(llm, hf_model, prompt, "snapkv", 1.0, setting, eos)
-    assert score(sample, text) == 1.0, text
-    n_prefilled = len(prompt.context) + (len(prompt.question) if setting == "query-aware" else 0)
-    assert cells == n_prefilled
-    llm.configure_kv_eviction(None)
-    ours = accuracy.answer(llm, prompt, setting, max_tokens=32)
-    assert text == ours  # same ids, same template, same greedy loop: the same answer
+def test_full_cache_answer_is_right_and_matches_llama_cpp(llm, hf_model, samples, eos, setting):
+    right, same = [], []
+    for sample, prompt in samples:
+        text, cells = kvpress_text(llm, hf_model, prompt, "snapkv", 1.0, setting, eos)
+        n_prefilled = len(prompt.context) + (len(prompt.question) if setting == "query-aware" else 0)
+        assert cells == n_prefilled
+        llm.configure_kv_eviction(None)
+        ours = accuracy.answer(llm, prompt, setting, max_tokens=32)
+        right.append(score(sample, text))
+        same.append(text == ours)  # same ids, same template, same greedy loop: the same answer
+    assert sum(right) >= AT_LEAST and sum(same) >= AT_LEAST, (right, same)
 
 
-def test_snapkv_keeps_the_needle_that_streaming_loses(llm, hf_model, prompt, sample, eos):
-    n_prompt = len(prompt.context) + len(prompt.question)
-    text, cells = kvpress_text(llm, hf_model, prompt, "snapkv", 0.5, "query-aware", eos)
-    assert score(sample, text) == 1.0, text
-    assert cells == n_prompt // 2  # kvpress keeps int(n * (1 - compression_ratio)) cells per head
-    control, control_cells = kvpress_text(llm, hf_model, prompt, "streaming", 0.5, "query-aware", eos)
-    assert control_cells == cells
-    assert score(sample, control) == 0.0, control
+def test_snapkv_keeps_the_needle_that_streaming_loses(llm, hf_model, samples, eos):
+    right, control_right = [], []
+    for sample, prompt in samples:
+        n_prompt = len(prompt.context) + len(prompt.question)
+        text, cells = kvpress_text(llm, hf_model, prompt, "snapkv", 0.5, "query-aware", eos)
+        assert cells == n_prompt // 2  # kvpress keeps int(n * (1 - compression_ratio)) cells per head
+        control, control_cells = kvpress_text(llm, hf_model, prompt, "streaming", 0.5, "query-aware", eos)
+        assert control_cells == cells  # the control evicted as much
+        right.append(score(sample, text))
+        control_right.append(score(sample, control))
+    assert sum(right) >= AT_LEAST and sum(control_right) <= AT_MOST, (right, control_right)
 
 
-def test_kvzip_runs_through_the_same_path(llm, hf_model, prompt, sample, eos):
+def test_kvzip_runs_through_the_same_path(llm, hf_model, samples, eos):
     # context reconstruction after the prefill, then masking: half the (layer, head, cell) entries are masked
-    text, cells = kvpress_text(llm, hf_model, prompt, "kvzip", 0.5, "query-agnostic", eos)
-    assert score(sample, text) == 1.0, text
-    assert cells == round(len(prompt.context) / 2)
+    right = []
+    for sample, prompt in samples:
+        text, cells = kvpress_text(llm, hf_model, prompt, "kvzip", 0.5, "query-agnostic", eos)
+        assert cells == round(len(prompt.context) / 2)
+        right.append(score(sample, text))
+    assert sum(right) >= AT_LEAST, right
 
 
 def test_snapkv_scores_correlate_with_kvpress(model_path, llm, formatter, hf_model):
@@ -124,20 +158,23 @@ def test_bad_names_raise(hf_model):
 
 
 @pytest.mark.parametrize("method", ["kvzip-head", "kvzip-token"])
-def test_kvzip_granularity_variants_from_kvpress_scores(llm, formatter, hf_model, prompt, sample, eos, method):
+def test_kvzip_granularity_variants_from_kvpress_scores(llm, formatter, hf_model, samples, eos, method):
     # kvpress's KVzip scores with our two selections (equal budgets per head, or one decision per token) and our
     # budget: the chat template's head (what precedes a user message) and the last 32 cells protected, then
     # ceil(keep x the rest)
-    text, cells = kvpress_text(llm, hf_model, prompt, method, 0.5, "query-agnostic", eos)
     templated = formatter(messages=[{"role": "user", "content": "CONTEXT"}]).prompt
     head = len(llm.tokenize(templated[:templated.index("CONTEXT")].encode(), add_bos=False, special=True))
     assert 4 < head < 64
     n_protected = head + 32
-    assert cells == n_protected + math.ceil(0.5 * (len(prompt.context) - n_protected))
-    assert score(sample, text) == 1.0, text
+    right = []
+    for sample, prompt in samples:
+        text, cells = kvpress_text(llm, hf_model, prompt, method, 0.5, "query-agnostic", eos)
+        assert cells == n_protected + math.ceil(0.5 * (len(prompt.context) - n_protected))
+        right.append(score(sample, text))
+    assert sum(right) >= AT_LEAST, right
 
 
-def test_kvzip_scores_a_context_once_for_all_ratios_and_selections(llm, hf_model, prompt, sample, eos, monkeypatch):
+def test_kvzip_scores_a_context_once_for_all_ratios_and_selections(llm, hf_model, prompt, eos, monkeypatch):
     # run_kvpress answers one sample at several ratios and selections: the second KVzip press takes the scores
     # of the first from the memo instead of reconstructing the context again, and answers as a fresh one would
     memo = compare.KVZIP_SCORE_MEMO
@@ -158,7 +195,6 @@ def test_kvzip_scores_a_context_once_for_all_ratios_and_selections(llm, hf_model
                                    eos_token_ids=eos)
     assert again == first
     assert reconstructions == [len(prompt.context)]  # the second answer did not reconstruct
-    assert score(sample, llm.detokenize(first[0]).decode("utf-8", errors="ignore")) == 1.0
     memo.clear()
     fresh = compare.kvpress_scores(hf_model, prompt.context, "kvzip")
     np.testing.assert_allclose(remembered[:, 0].to(torch.float32).numpy(), fresh, rtol=1e-6, atol=0)

@@ -352,7 +352,8 @@ def targets(summary: list[dict[str, Any]], removal: dict[str, Any], policies: li
 
 
 def run(model: str, lengths: list[int], keep: float, policies: list[str], rounds: int, prefill_rounds: int,
-        n_decode: int, threads: int, baseline_lib: Path | None) -> dict[str, Any]:
+        n_decode: int, threads: int, baseline_lib: Path | None,
+        decode_eviction_cells: int = DECODE_EVICTION_CELLS) -> dict[str, Any]:
     n_configs = len(policies) + 2 + 2 * (baseline_lib is not None)
     progress = tqdm(total=len(lengths) * n_configs * (rounds + prefill_rounds), desc="bench speed", unit="step")
     rows = []
@@ -361,7 +362,7 @@ def run(model: str, lengths: list[int], keep: float, policies: list[str], rounds
                                baseline_lib, progress)
     progress.close()
     removal = time_scattered_removal(model, max(lengths), keep, threads)
-    decode_eviction = time_decode_eviction(model, threads)
+    decode_eviction = time_decode_eviction(model, threads, decode_eviction_cells)
     summary = ratios(rows, policies)
     return {"lengths": lengths, "keep": keep, "policies": policies, "rounds": rounds, "prefill_rounds": prefill_rounds,
             "n_decode_per_round": n_decode, "baseline_library": str(baseline_lib) if baseline_lib else None,
@@ -475,7 +476,7 @@ def main(args: argparse.Namespace) -> int:
     env = report.environment(args.threads)
     results = run(model, args.lengths or profile["lengths"], args.keep, args.policies,
                   args.rounds or profile["rounds"], args.prefill_rounds or profile["prefill_rounds"], args.n_decode,
-                  args.threads, baseline_lib)
+                  args.threads, baseline_lib, args.decode_eviction_cells)
     results.update(model=Path(model).name, profile="quick" if args.quick else "full", environment=env)
     report.publish("speed", results, lambda: markdown(results, env), lambda path: plot(results, path),
                    Path(args.output), args.threads)
@@ -492,6 +493,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n-decode", type=int, default=32, help="decoded tokens per configuration and round")
     parser.add_argument("--rounds", type=int, help="interleaved decode rounds")
     parser.add_argument("--prefill-rounds", type=int, help="prefills per configuration (the minimum is reported)")
+    parser.add_argument("--decode-eviction-cells", type=int, default=DECODE_EVICTION_CELLS,
+                        help="cells at which one decode-time eviction of a few cells is timed")
     parser.add_argument("--baseline-lib", help="directory of the unpatched libllama (default: where "
                         "scripts/build_baseline.sh puts it)")
     parser.add_argument("--no-baseline", action="store_true", help="skip the library comparison (the unpatched and the patched "
