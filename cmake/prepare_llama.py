@@ -9,7 +9,9 @@ Called by CMakeLists.txt at configure time:
    work offline.
 2. Its ``vendor/llama.cpp`` tree is extracted into ``--dest``.
 3. ``patches/*.patch`` are applied in name order with ``git apply``; a patch that does not apply fails the build
-   with its name. ``--no-patches`` skips this step (the unpatched baseline build, scripts/build_baseline.sh).
+   with its name. ``--no-patches`` applies only the patches whose header has a ``Baseline: applied`` line (fixes
+   of upstream crashes, without which the pinned llama.cpp does not run on some hosts): the unpatched baseline
+   build, scripts/build_baseline.sh.
 
 ``--build-info`` writes which llama.cpp and which patch set the build uses (JSON; installed beside the libraries,
 so that a compressed-context file can say which library wrote its llama.cpp state).
@@ -80,6 +82,12 @@ def extract_vendor(archive: Path, dest: Path) -> None:
             tar.extract(member, dest, filter="data")
 
 
+def applies_to_baseline(patch: Path) -> bool:
+    """Whether the patch's header (the text before its first ``---`` line) marks it ``Baseline: applied``."""
+    header = patch.read_text().split("\n---\n", 1)[0]
+    return any(line.startswith("Baseline: applied") for line in header.splitlines())
+
+
 def apply_patches(patches: list[Path], dest: Path) -> None:
     env = dict(os.environ)
     # keep git from discovering an enclosing repository (e.g. kvgguf's own checkout around the build dir):
@@ -118,12 +126,15 @@ def main() -> None:
     parser.add_argument("--dest", type=Path, required=True, help="where the patched llama.cpp tree goes")
     parser.add_argument("--patches", type=Path, required=True, help="directory of NNNN-*.patch files")
     parser.add_argument("--no-patches", action="store_true",
-                        help="leave llama.cpp as pinned (the unpatched baseline of `kvgguf bench speed`)")
+                        help="apply only the 'Baseline: applied' crash fixes (the unpatched baseline of `kvgguf "
+                             "bench speed`)")
     parser.add_argument("--build-info", type=Path, help="write the llama.cpp version and patch set here (JSON)")
     args = parser.parse_args()
 
     archive = fetch_sdist(args.cache)
-    patches = [] if args.no_patches else sorted(args.patches.glob("*.patch"))
+    patches = sorted(args.patches.glob("*.patch"))
+    if args.no_patches:
+        patches = [patch for patch in patches if applies_to_baseline(patch)]
     stamp_text = "\n".join([SHA256] + [f"{p.name} {sha256_of(p)}" for p in patches]) + "\n"
     if args.build_info is not None:
         info = {"llama_cpp_python": VERSION, "sdist_sha256": SHA256, "patches": [p.name for p in patches],

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Build the pinned llama.cpp (llama-cpp-python 0.3.36's vendor tree) *without* our patches, with the same
+# Build the pinned llama.cpp (llama-cpp-python 0.3.36's vendor tree) *without* our patches (but for the upstream
+# crash fixes marked "Baseline: applied", e.g. 0010 for AMX hosts), with the same
 # CMakeLists and flags as the kvgguf wheel: the baseline `kvgguf bench speed` compares against, to show that the
 # patches cost nothing when eviction is off. The libraries go to
 #   ${KVGGUF_BASELINE_DIR:-~/.cache/kvgguf/baseline-0.3.36}/kvgguf/lib
