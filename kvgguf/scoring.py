@@ -166,15 +166,16 @@ class ScoringContext:
     # --- scratch decodes ----------------------------------------------------------------------------------------
 
     def decode(self, tokens: Sequence[int] | None = None, *, embeddings: npt.ArrayLike | None = None,
-               tap: TapSpec | None = None, adapter: LoraAdapter | None = None, batch: int | None = None,
-               scratch_sequence: bool = False) -> npt.NDArray[np.float32] | None:
+               tap: TapSpec | None = None, tap_rows: range | None = None, adapter: LoraAdapter | None = None,
+               batch: int | None = None, scratch_sequence: bool = False) -> npt.NDArray[np.float32] | None:
         """Decode ``tokens`` (or ``embeddings``, [n, n_embd]) at the positions after the sequence's last token, in
         decodes of ``batch`` (default n_batch), then remove their cells again.
 
-        With ``tap``, every decoded row observes and the result is the attention they paid to the sequence's
-        cells, [n_layer, n_head_kv, n_cells] (the scratch cells left out). ``adapter`` is active for this decode
-        only. ``scratch_sequence`` decodes into a free sequence id that shares the sequence's cells (the context
-        needs n_seq_max >= 2) instead of the sequence itself. Call ``finish()`` after the last scratch decode."""
+        With ``tap``, the decoded rows ``tap_rows`` (a range of their indices; default all) observe and the
+        result is the attention they paid to the sequence's cells, [n_layer, n_head_kv, n_cells] (the scratch
+        cells left out). ``adapter`` is active for this decode only. ``scratch_sequence`` decodes into a free
+        sequence id that shares the sequence's cells (the context needs n_seq_max >= 2) instead of the sequence
+        itself. Call ``finish()`` after the last scratch decode."""
         if self._observing:
             raise RuntimeError("a scratch decode while the tap observes the sequence's own tokens")
         if (tokens is None) == (embeddings is None):
@@ -188,6 +189,9 @@ class ScoringContext:
         batch = batch or self.n_batch
         if not 1 <= batch <= self.n_batch:
             raise ValueError(f"batch must be in [1, n_batch={self.n_batch}], got {batch}")
+        rows_tapped = tap_rows if tap_rows is not None else range(n)
+        if rows_tapped.step != 1 or not 0 <= rows_tapped.start < rows_tapped.stop <= n:
+            raise ValueError(f"tap_rows must be a contiguous range inside the {n} decoded rows, got {tap_rows}")
         ctx, seq = self.host.ctx, self.host.seq_id
         memory = llama_cpp_api.llama_get_memory(ctx)
         n_cells = self.cache.n_cells()
@@ -200,7 +204,7 @@ class ScoringContext:
         scores = None
         try:
             if tap is not None:
-                self.tap.start(seq, n_past, n_past + n, tap.rows, tap.heads)
+                self.tap.start(seq, n_past + rows_tapped.start, n_past + rows_tapped.stop, tap.rows, tap.heads)
             if adapter is not None:
                 self._set_adapters([(adapter.adapter, adapter.scale)])
             for start in range(0, n, batch):

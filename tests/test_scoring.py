@@ -54,19 +54,24 @@ def test_a_scratch_decode_leaves_the_sequence_as_it_was(llm, context):
     assert before[3] == after[3] and np.array_equal(before[4], after[4])
 
 
-def test_scratch_scores_are_the_taps_over_the_same_rows_decoded_in_the_sequence(llm, context):
-    """A scratch decode with the tap gives what the tap gives when the same tokens are decoded as the sequence's
-    own next tokens and observed; the scratch cells are not part of the result."""
+@pytest.mark.parametrize("tap_rows", [None, range(4, 9)])
+def test_scratch_scores_are_the_taps_over_the_same_rows_decoded_in_the_sequence(llm, context, tap_rows):
+    """A scratch decode with the tap on its rows (all, or chosen ones) gives what the tap gives when the same
+    tokens are decoded as the sequence's own next tokens and those rows observed; the scratch cells are not part of
+    the result."""
     scoring = llm.kv_controller.scoring
     rows = scratch(llm)
-    scratch_scores = scoring.decode(rows, tap=SCORES)
+    scratch_scores = scoring.decode(rows, tap=SCORES, tap_rows=tap_rows)
     scoring.finish()
+    observed = tap_rows or range(len(rows))
     n = llm.n_tokens
-    scoring.observe(n, n + len(rows), SCORES)
+    scoring.observe(n + observed.start, n + observed.stop, SCORES)
     llm.eval(rows)
     own = scoring.observed()
     scoring.stop()
     np.testing.assert_array_equal(scratch_scores, own[:, :, :len(context)])
+    with pytest.raises(ValueError, match="tap_rows must be a contiguous range"):
+        scoring.decode(rows, tap=SCORES, tap_rows=range(0, len(rows) + 1))
 
 
 def test_embeddings_decode_like_their_tokens(llm, model_path, context):
