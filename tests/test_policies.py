@@ -25,44 +25,65 @@ def answer(llm: Llama, messages: list[dict], **kwargs) -> str:
     return out["choices"][0]["message"]["content"]
 
 
+# The needle at 30% of ~1.6K tokens of filler (far from the end), over haystack seeds SEEDS. Measured on seeds
+# 0-7 (n = 8) at keep 0.2 (Xeon with AMX, 2026-12-02): the full cache answered 8/8, SnapKV per head 8/8 and per
+# token 8/8, StreamingLLM (recency) 0/8. Asserted over SEEDS: at least 2 of 3 where the needle should survive, at
+# most 1 of 3 for StreamingLLM (whose eviction to the same budget is checked).
+SEEDS = (0, 1, 2)
+
+
 @pytest.fixture(scope="module")
-def needle() -> list[dict]:
-    return needle_messages(80, depth=0.3)   # ~1.6K tokens, the needle far from the end
+def needles() -> list[list[dict]]:
+    return [needle_messages(80, depth=0.3, seed=seed) for seed in SEEDS]
 
 
-def test_full_cache_answers_the_needle(model_path, needle):
+@pytest.fixture(scope="module")
+def needle(needles) -> list[dict]:
+    return needles[0]
+
+
+def test_full_cache_answers_the_needle(model_path, needles):
     llm = Llama(model_path, n_ctx=4096, n_threads=2, verbose=False)
     try:
-        assert "4821" in answer(llm, needle)
+        assert sum("4821" in answer(llm, messages) for messages in needles) >= 2
     finally:
         llm.close()
 
 
 @pytest.mark.parametrize("granularity", ["head", "token"])
-def test_snapkv_keeps_the_needle_at_keep_0_2(model_path, needle, granularity):
+def test_snapkv_keeps_the_needle_at_keep_0_2(model_path, needles, granularity):
     llm = Llama(model_path, n_ctx=4096, n_threads=2, verbose=False, kv_eviction="snapkv", kv_keep=0.2,
                 kv_granularity=granularity)
+    right = []
     try:
-        assert "4821" in answer(llm, needle)
-        stats = llm.kv_stats()
-        (eviction,) = stats["history"]
-        n_prompt = eviction["cells_before"]
-        assert n_prompt > 1500 and eviction["granularity"] == granularity
-        # the cache really holds <= 20% of the prompt's cells + the window (+ the sinks)
-        assert eviction["cells_after"] <= 0.2 * n_prompt + llm.kv_settings.window + llm.kv_settings.sink
-        assert stats["attended_after"] <= 512 < stats["attended_before"]
-        assert stats["score_s"] > 0 and stats["compact_s"] > 0
+        for messages in needles:
+            right.append("4821" in answer(llm, messages))
+            stats = llm.kv_stats()
+            eviction = stats["history"][-1]
+            n_prompt = eviction["cells_before"]
+            assert n_prompt > 1500 and eviction["granularity"] == granularity
+            # the cache really holds <= 20% of the prompt's cells + the window (+ the sinks)
+            assert eviction["cells_after"] <= 0.2 * n_prompt + llm.kv_settings.window + llm.kv_settings.sink
+            assert stats["attended_after"] <= 512 < stats["attended_before"]
+            assert stats["score_s"] > 0 and stats["compact_s"] > 0
+        assert len(llm.kv_stats()["history"]) == len(needles)   # one eviction per prompt
     finally:
         llm.close()
+    assert sum(right) >= 2, right
 
 
-def test_streaming_at_the_same_budget_loses_the_needle(model_path, needle):
+def test_streaming_at_the_same_budget_loses_the_needle(model_path, needles):
     """The needle is not among the recent tokens: keeping it takes importance scores, not recency."""
     llm = Llama(model_path, n_ctx=4096, n_threads=2, verbose=False, kv_eviction="streaming", kv_keep=0.2)
+    right = []
     try:
-        assert "4821" not in answer(llm, needle)
+        for messages in needles:
+            right.append("4821" in answer(llm, messages))
+            eviction = llm.kv_stats()["history"][-1]   # the eviction this relies on happened, to the budget
+            assert eviction["cells_after"] == llm.kv_settings.target_cells(eviction["cells_before"])
     finally:
         llm.close()
+    assert sum(right) <= 1, right
 
 
 def test_snapkv_prefills_long_prompts_in_chunks_and_evicts_while_generating(model_path):
