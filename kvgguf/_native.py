@@ -24,23 +24,24 @@ def _shared_library_name(base: str) -> str:
     return f"lib{base}.so"
 
 
-def _library_dir() -> Path:
-    """``kvgguf/lib`` next to this file; imported from a source checkout (which has no build in it), the
-    installed package's."""
-    here = Path(__file__).resolve().parent / "lib"
-    if (here / _shared_library_name("llama")).exists():
+def built_dir(relative: str, marker: str) -> Path:
+    """A directory that the native build installs into the package (``relative`` to it, holding ``marker``):
+    next to this file, or, imported from a source checkout (which has no build in it), the installed
+    package's."""
+    here = Path(__file__).resolve().parent / relative
+    if (here / marker).exists():
         return here
     try:
-        installed = Path(str(importlib.metadata.distribution("kvgguf").locate_file("kvgguf/lib"))).resolve()
+        installed = Path(str(importlib.metadata.distribution("kvgguf").locate_file(f"kvgguf/{relative}"))).resolve()
     except importlib.metadata.PackageNotFoundError:
         installed = None
-    if installed is not None and (installed / _shared_library_name("llama")).exists():
+    if installed is not None and (installed / marker).exists():
         return installed
-    raise ImportError(f"kvgguf's native libraries are missing from {here} and kvgguf is not installed; install it "
-                      "(bash scripts/install.sh, see README.md)")
+    raise ImportError(f"kvgguf's build output {relative}/{marker} is missing from {here.parent} and kvgguf is not "
+                      "installed; install it (bash scripts/install.sh, see README.md)")
 
 
-LIB_DIR = _library_dir()
+LIB_DIR = built_dir("lib", _shared_library_name("llama"))
 
 
 def _point_llama_cpp_at_our_library() -> None:
