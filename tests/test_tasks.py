@@ -24,7 +24,8 @@ def test_samples_are_deterministic_and_sized(task, count):
         assert 0.85 * n_tokens <= count(sample.context) <= 1.15 * n_tokens, (task, count(sample.context))
 
 
-@pytest.mark.parametrize("task", ["niah_single", "niah_multikey", "niah_multivalue", "fact_qa"])
+@pytest.mark.parametrize("task", ["niah_single", "niah_multikey", "niah_multivalue", "fact_qa", "prose_fact",
+                                  "prose_niah"])
 def test_planted_answers_are_in_the_context(task, count):
     sample = generate(task, 1024, seed=1, count_tokens=count)
     for answer in sample.answers:

@@ -36,6 +36,7 @@ from tqdm import tqdm
 from .._native import llama_cpp_api
 from ..llama import Llama
 from ..policies import POLICIES
+from ..head_profile import group_into_tiers, shipped_profile
 from ..settings import DEFAULT_SINK, DEFAULT_WINDOW, validate_settings
 from . import report
 from .accuracy import SETTINGS
@@ -162,18 +163,47 @@ class KVzipGranularityPress(MemoKVzipPress):
         scores[..., :head] = protected
         scores[..., n_tokens - self.window:] = protected
         n_pruned = n_tokens - target
+        if self.granularity == "profile" or self.granularity.startswith("tiers"):
+            self._mask_per_head(model, scores, keep, head)
+            return
         if self.granularity == "token":
             pruned = torch.topk(-scores.amax(dim=(0, 1)), n_pruned).indices.cpu()
             per_head = pruned.repeat(n_layer, n_head_kv, 1)
         elif self.granularity == "head":
             per_head = torch.topk(-scores, n_pruned, dim=-1).indices.cpu()
         else:
-            raise ValueError(f"granularity must be 'head' or 'token', got {self.granularity!r}")
+            raise ValueError(f"granularity must be 'head', 'token', 'profile' or 'tiers<T>', got "
+                             f"{self.granularity!r}")
         for layer in model.model.layers:
             module = layer.self_attn
             indices = per_head[int(module.layer_idx)]  # [n_head_kv, n_pruned]
             head_indices = torch.arange(n_head_kv).repeat_interleave(n_pruned)
             module.masked_key_indices = (torch.zeros_like(head_indices), head_indices, indices.reshape(-1))
+
+
+    def _mask_per_head(self, model: Any, scores: torch.Tensor, keep: float, head: int) -> None:
+        """Unequal budgets: each (layer, KV head) keeps its protected cells and the best of the rest by its share
+        of the model's head profile (``"profile"``), or by that budget grouped into T tiers (``"tiers<T>"``)."""
+        n_layer, n_head_kv, n_tokens = scores.shape
+        profile = shipped_profile(getattr(model, GGUF_PATH_ATTR))
+        if profile is None:
+            raise ValueError(f"no head profile ships for {getattr(model, GGUF_PATH_ATTR)}; make one with "
+                             "`kvgguf profile-heads`")
+        n_evictable = n_tokens - head - self.window
+        budgets = profile.budgets(keep, n_evictable)
+        if self.granularity != "profile":
+            budgets = group_into_tiers(budgets, int(self.granularity[len("tiers"):])).budgets()
+        order = torch.argsort(scores[..., head:n_tokens - self.window], dim=-1, descending=True).cpu() + head
+        for layer in model.model.layers:
+            module = layer.self_attn
+            layer_index = int(module.layer_idx)
+            heads, cells = [], []
+            for kv_head in range(n_head_kv):
+                pruned = order[layer_index, kv_head, int(budgets[layer_index, kv_head]):]
+                heads.append(torch.full_like(pruned, kv_head))
+                cells.append(pruned)
+            head_indices, cell_indices = torch.cat(heads), torch.cat(cells)
+            module.masked_key_indices = (torch.zeros_like(head_indices), head_indices, cell_indices)
 
 
 def _kvzip_head_press(compression_ratio: float, window: int) -> BasePress:
@@ -188,12 +218,23 @@ def _kvzip_token_press(compression_ratio: float, window: int) -> BasePress:
                                  window=window)
 
 
+def _kvzip_profile_press(granularity: str) -> Callable[[float, int], BasePress]:
+    """kvpress's KVzip scores, unequal per-head budgets from the model's head profile (see KVzipGranularityPress)."""
+    def press(compression_ratio: float, window: int) -> BasePress:
+        return KVzipGranularityPress(compression_ratio=compression_ratio, n_sink=DEFAULT_SINK,
+                                     granularity=granularity, window=window)
+    return press
+
+
 KVPRESS_METHODS: dict[str, Callable[[float, int], BasePress]] = {
     "snapkv": _snapkv_press,
     "streaming": _streaming_press,
     "kvzip": _kvzip_press,            # kvpress's own, global selection over all layers and heads
     "kvzip-head": _kvzip_head_press,  # built from its scores: our two granularities
     "kvzip-token": _kvzip_token_press,
+    # the head profile's budgets (kvgguf profile-heads), unquantized and grouped into 2-4 tiers
+    "kvzip-profile": _kvzip_profile_press("profile"),
+    **{f"kvzip-tiers{n}": _kvzip_profile_press(f"tiers{n}") for n in (2, 3, 4)},
 }
 
 

@@ -13,17 +13,28 @@ Tasks:
 - ``common_words``: a word list where a few words repeat far more often than the rest; asked for the most
   frequent ones (score: the fraction found).
 - ``fact_qa``: one personal fact stated once ("Mira's favourite fruit is the mango."); asked about it.
+- ``prose_fact`` / ``prose_niah``: ``fact_qa``'s fact / ``niah_single``'s number in natural prose instead of the
+  filler: consecutive paragraphs of the standard library's documentation (kvgguf.prose.BENCH_MODULES, disjoint
+  from the head profiles' calibration text), from a seeded paragraph on. Every token of real prose competes for
+  the cache, where the filler's repeated sentences are cheap to drop. The text is the running Python's own
+  documentation, so results name the Python version.
 """
 from __future__ import annotations
 
+import functools
 import random
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from .. import prose
 from ..text import FILLER_SENTENCES
 
 TokenCounter = Callable[[str], int]
+# a task: (rng, context tokens, token counter) -> (context, question, answers)
+Task = Callable[[random.Random, int, TokenCounter], tuple[str, str, tuple[str, ...]]]
+# a haystack: (rng, needles, context tokens, token counter) -> the context with the needles in it
+Filler = Callable[[random.Random, list[str], int, TokenCounter], str]
 
 KEYS = ("amber-harbor", "silent-orchard", "copper-lantern", "misty-valley", "northern-bridge", "velvet-river",
         "granite-tower", "hollow-pine", "scarlet-meadow", "frozen-lake", "golden-mill", "quiet-forge")
@@ -36,6 +47,11 @@ FACTS = (
 WORDS = ("apple", "river", "stone", "cloud", "garden", "window", "candle", "forest", "button", "mirror",
          "ladder", "pocket", "harbor", "violin", "marble", "feather", "lantern", "bridge", "pepper", "saddle",
          "meadow", "anchor", "basket", "cotton", "dragon", "engine", "falcon", "glacier", "hammer", "island")
+
+
+_FACT_QUESTIONS = {"favourite fruit is the": "What is {name}'s favourite fruit?",
+                   "boat is called the": "What is {name}'s boat called?",
+                   "sister lives in": "Where does {name}'s sister live?"}
 
 
 @dataclass(frozen=True)
@@ -70,10 +86,44 @@ def _fill(rng: random.Random, needles: list[str], n_tokens: int, count: TokenCou
     return " ".join(sentences)
 
 
-def _niah_single(rng: random.Random, n_tokens: int, count: TokenCounter) -> tuple[str, str, tuple[str, ...]]:
-    key, value = rng.choice(KEYS), _number(rng)
-    context = _fill(rng, [f"The special magic number for {key} is {value}."], n_tokens, count)
-    return context, f"What is the special magic number for {key}? Answer with the number.", (value,)
+@functools.lru_cache(maxsize=1)
+def _prose_paragraphs() -> tuple[str, ...]:
+    return tuple(prose.paragraphs(prose.BENCH_MODULES))
+
+
+def _fill_prose(rng: random.Random, needles: list[str], n_tokens: int, count: TokenCounter) -> str:
+    """About n_tokens tokens of consecutive documentation paragraphs from a random one on (wrapping around), each
+    needle appended to a random paragraph (in the given order)."""
+    paragraphs = _prose_paragraphs()
+    budget = n_tokens - sum(count(needle) for needle in needles)
+    chosen: list[str] = []
+    start, used = rng.randrange(len(paragraphs)), 0
+    while used < budget and len(chosen) < len(paragraphs):
+        paragraph = paragraphs[(start + len(chosen)) % len(paragraphs)]
+        n_paragraph = count(paragraph) + 1
+        if used + n_paragraph > budget:  # the last paragraph: its first sentences that fit
+            sentences = re.split(r"(?<=\.) ", paragraph)
+            while len(sentences) > 1 and used + count(" ".join(sentences)) + 1 > budget:
+                sentences.pop()
+            if chosen and used + count(sentences[0]) + 1 > budget:
+                break
+            paragraph = " ".join(sentences)
+            n_paragraph = count(paragraph) + 1
+        chosen.append(paragraph)
+        used += n_paragraph
+    slots = sorted(rng.choices(range(len(chosen)), k=len(needles)))
+    for slot, needle in zip(slots, needles, strict=True):
+        chosen[slot] = f"{chosen[slot]} {needle}"
+    return "\n\n".join(chosen)
+
+
+def _magic_number(fill: Filler) -> Task:
+    """niah_single in the haystack of ``fill``: one special magic number for a key, asked for."""
+    def task(rng: random.Random, n_tokens: int, count: TokenCounter) -> tuple[str, str, tuple[str, ...]]:
+        key, value = rng.choice(KEYS), _number(rng)
+        context = fill(rng, [f"The special magic number for {key} is {value}."], n_tokens, count)
+        return context, f"What is the special magic number for {key}? Answer with the number.", (value,)
+    return task
 
 
 def _niah_multikey(rng: random.Random, n_tokens: int, count: TokenCounter) -> tuple[str, str, tuple[str, ...]]:
@@ -119,24 +169,26 @@ def _common_words(rng: random.Random, n_tokens: int, count: TokenCounter) -> tup
     return context, "What are the 3 most common words in the list above? Answer with the words.", tuple(frequent)
 
 
-def _fact_qa(rng: random.Random, n_tokens: int, count: TokenCounter) -> tuple[str, str, tuple[str, ...]]:
-    name = rng.choice(NAMES)
-    relation, options = rng.choice(FACTS)
-    value = rng.choice(options)
-    context = _fill(rng, [f"{name}'s {relation} {value}."], n_tokens, count)
-    questions = {"favourite fruit is the": f"What is {name}'s favourite fruit?",
-                 "boat is called the": f"What is {name}'s boat called?",
-                 "sister lives in": f"Where does {name}'s sister live?"}
-    return context, questions[relation] + " Answer in a few words.", (value,)
+def _personal_fact(fill: Filler) -> Task:
+    """fact_qa in the haystack of ``fill``: one personal fact stated once, asked about."""
+    def task(rng: random.Random, n_tokens: int, count: TokenCounter) -> tuple[str, str, tuple[str, ...]]:
+        name = rng.choice(NAMES)
+        relation, options = rng.choice(FACTS)
+        value = rng.choice(options)
+        context = fill(rng, [f"{name}'s {relation} {value}."], n_tokens, count)
+        return context, _FACT_QUESTIONS[relation].format(name=name) + " Answer in a few words.", (value,)
+    return task
 
 
-TASKS: dict[str, Callable[[random.Random, int, TokenCounter], tuple[str, str, tuple[str, ...]]]] = {
-    "niah_single": _niah_single,
+TASKS: dict[str, Task] = {
+    "niah_single": _magic_number(_fill),
     "niah_multikey": _niah_multikey,
     "niah_multivalue": _niah_multivalue,
     "variable_tracking": _variable_tracking,
     "common_words": _common_words,
-    "fact_qa": _fact_qa,
+    "fact_qa": _personal_fact(_fill),
+    "prose_fact": _personal_fact(_fill_prose),
+    "prose_niah": _magic_number(_fill_prose),
 }
 
 
