@@ -93,6 +93,23 @@ _declare(libllama, "llama_memory_seq_set_mixed", [_void_p, _int32, _int32_p, _in
 _declare(libllama, "llama_memory_can_compact_per_head", [_void_p], ctypes.c_bool)
 
 
+class KVTierParams(ctypes.Structure):
+    """struct llama_kv_tier_params (patches/0012)."""
+
+    _fields_ = [
+        ("n_tiers", ctypes.c_int32),
+        ("n_cells", ctypes.POINTER(ctypes.c_uint32)),
+        ("tier_of_head", _int32_p),
+    ]
+
+
+_declare(libllama, "llama_set_kv_tiers", [_void_p, ctypes.POINTER(KVTierParams)], _int32)
+_declare(libllama, "llama_memory_n_tiers", [_void_p], _int32)
+_declare(libllama, "llama_memory_size", [_void_p], ctypes.c_size_t)
+_declare(libllama, "llama_memory_tier", [_void_p, _int32], _void_p)
+_declare(libllama, "llama_kv_compact_tier", [_void_p, _int32, _int32, _int32_p, _int32], _int32)
+
+
 class AttnTapParams(ctypes.Structure):
     """struct llama_attn_tap_params (patches/0003)."""
 
@@ -108,6 +125,7 @@ class AttnTapParams(ctypes.Structure):
 _declare(libllama, "llama_attn_tap_set", [_void_p, ctypes.POINTER(AttnTapParams)], _int32)
 _declare(libllama, "llama_attn_tap_n_rows", [_void_p], _int32)
 _declare(libllama, "llama_attn_tap_get", [_void_p, _int32, _float_p, _int32], _int32)
+_declare(libllama, "llama_attn_tap_get_tier", [_void_p, _int32, _int32, _float_p, _int32], _int32)
 
 # --- libkvgguf (native/include/kvgguf.h) ---
 _declare(libkvgguf, "kvgguf_api_version", [], _int32)
@@ -154,5 +172,5 @@ def check_kvgguf(code: int, what: str) -> None:
 
 
 __all__ = [
-    "AttnTapParams", "BUILD_INFO", "LIB_DIR", "NativeError", "check_kv", "check_kvgguf", "libkvgguf", "libllama", "llama_cpp", "llama_cpp_api",
+    "AttnTapParams", "BUILD_INFO", "KVTierParams", "LIB_DIR", "NativeError", "check_kv", "check_kvgguf", "libkvgguf", "libllama", "llama_cpp", "llama_cpp_api",
 ]

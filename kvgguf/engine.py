@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import numpy.typing as npt
 
-from ._native import check_kv, libllama, llama_cpp_api
+from ._native import NativeError, check_kv, libllama, llama_cpp_api
 from .scores import select_topk
 
 logger = logging.getLogger(__name__)
@@ -26,15 +26,25 @@ _GGML_TYPE_BYTES = {0: 4.0, 1: 2.0, 30: 2.0, 8: 34 / 32, 2: 18 / 32, 3: 20 / 32,
 
 
 class KVCacheView:
-    """One sequence of a llama.cpp context's KV cache, through the patched C API."""
+    """One sequence of a llama.cpp context's KV cache, or of one tier of a tiered cache, through the patched C
+    API."""
 
-    def __init__(self, ctx: ctypes.c_void_p, seq_id: int = 0) -> None:
+    def __init__(self, ctx: ctypes.c_void_p, seq_id: int = 0, tier: int | None = None,
+                 n_lists: int | None = None) -> None:
         self.ctx = ctx
         self.seq_id = seq_id
+        self.tier = tier
+        self.n_lists = n_lists  # keep lists compact() takes, one per (layer, KV head) of the cache, if known
 
     @property
     def memory(self) -> ctypes.c_void_p:
-        return llama_cpp_api.llama_get_memory(self.ctx)
+        memory = llama_cpp_api.llama_get_memory(self.ctx)
+        if self.tier is None:
+            return memory
+        tier = libllama.llama_memory_tier(memory, self.tier)
+        if not tier:
+            raise NativeError(f"the context's KV cache has no tier {self.tier}")
+        return tier
 
     def positions(self) -> npt.NDArray[np.int32]:
         """Positions held by the sequence, ascending (one per cell)."""
@@ -75,16 +85,25 @@ class KVCacheView:
         return bool(libllama.llama_memory_can_compact_per_head(self.memory))
 
     def compact(self, keep: npt.ArrayLike | None = None) -> int:
-        """Move kept entries to the front. ``keep``: None (token-level, after remove) or [n_layer, n_head_kv, n]."""
+        """Move kept entries to the front. ``keep``: None (token-level, after remove) or one list of n positions
+        per (layer, KV head) of the cache: [n_layer, n_head_kv, n], or for a tier [n_lists, n] with the tier's
+        heads layer by layer (``KVTierLayout.lists``)."""
         if keep is None:
-            return check_kv(libllama.llama_kv_compact(self.ctx, self.seq_id, None, 0), "kv_compact")
-        lists = np.ascontiguousarray(keep, dtype=np.int32)
-        if lists.ndim != 3:
-            raise ValueError(f"keep must have shape [n_layer, n_head_kv, n_keep], got {lists.shape}")
-        return check_kv(
-            libllama.llama_kv_compact(self.ctx, self.seq_id, lists.ctypes.data_as(_int32_p), lists.shape[2]),
-            "kv_compact",
-        )
+            lists, n_keep = None, 0
+        else:
+            lists = np.ascontiguousarray(keep, dtype=np.int32)
+            if lists.ndim != 3 and (self.tier is None or lists.ndim != 2):
+                shape = "[n_layer, n_head_kv, n_keep]" if self.tier is None else "[n_lists, n_keep]"
+                raise ValueError(f"keep must have shape {shape}, got {lists.shape}")
+            n_keep = lists.shape[-1]
+            if self.n_lists is not None and lists.size != self.n_lists * n_keep:
+                raise ValueError(f"keep must hold one list per (layer, KV head) of the cache, {self.n_lists}; got "
+                                 f"{lists.size // max(n_keep, 1)} lists of {n_keep}")
+        pointer = None if lists is None else lists.ctypes.data_as(_int32_p)
+        if self.tier is None:
+            return check_kv(libllama.llama_kv_compact(self.ctx, self.seq_id, pointer, n_keep), "kv_compact")
+        return check_kv(libllama.llama_kv_compact_tier(self.ctx, self.tier, self.seq_id, pointer, n_keep),
+                        f"kv_compact_tier({self.tier})")
 
 
 class CellState:

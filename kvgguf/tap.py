@@ -37,10 +37,17 @@ class AttentionTap:
     def n_rows(self) -> int:
         return libllama.llama_attn_tap_n_rows(self.ctx)
 
-    def scores(self, seq_id: int) -> npt.NDArray[np.float32]:
-        """[n_layer, n_head_kv, n_cells] for the cells of ``seq_id`` in ascending position order."""
-        n = check_kv(libllama.llama_attn_tap_get(self.ctx, seq_id, None, 0), "attn_tap_get")
+    def scores(self, seq_id: int, tier: int | None = None) -> npt.NDArray[np.float32]:
+        """[n_layer, n_head_kv, n_cells] for the cells of ``seq_id`` in ascending position order; with a tiered
+        cache, the cells of one tier (zeros for the heads of other tiers)."""
+        if tier is None:
+            def read(out, n: int) -> int:
+                return libllama.llama_attn_tap_get(self.ctx, seq_id, out, n)
+        else:
+            def read(out, n: int) -> int:
+                return libllama.llama_attn_tap_get_tier(self.ctx, tier, seq_id, out, n)
+        n = check_kv(read(None, 0), "attn_tap_get")
         out = np.zeros((self.n_layer, self.n_head_kv, n), dtype=np.float32)
         if n:
-            check_kv(libllama.llama_attn_tap_get(self.ctx, seq_id, out.ctypes.data_as(_float_p), n), "attn_tap_get")
+            check_kv(read(out.ctypes.data_as(_float_p), n), "attn_tap_get")
         return out
