@@ -9,6 +9,7 @@ import numpy as np
 
 import kvgguf  # (must come before llama_cpp)
 import kvgguf._native
+import kvgguf.tiers
 from kvgguf._native import llama_cpp_api as C
 from kvgguf.engine import KVCacheView
 
@@ -65,10 +66,22 @@ class RawContext:
         self.ctx = C.llama_init_from_model(model.model, params)
         assert self.ctx
         self.mem = C.llama_get_memory(self.ctx)
+        self.layout: kvgguf.tiers.KVTierLayout | None = None
         self.batch = C.llama_batch_init(n_batch, 0, n_seq_max)
 
-    def view(self, seq_id: int = 0) -> KVCacheView:
-        return KVCacheView(self.ctx, seq_id)
+    def view(self, seq_id: int = 0, tier: int | None = None) -> KVCacheView:
+        if tier is None:
+            return KVCacheView(self.ctx, seq_id, n_lists=self.model.n_layer * self.model.n_head_kv)
+        return KVCacheView(self.ctx, seq_id, tier, n_lists=len(self.layout.heads(tier)) if self.layout else None)
+
+    def set_tiers(self, layout: "kvgguf.tiers.KVTierLayout | None") -> None:
+        """Replace the KV cache by an empty tiered one (None: the plain one again)."""
+        if layout is None:
+            kvgguf.tiers.clear_tiers(self.ctx)
+        else:
+            layout.apply(self.ctx)
+        self.layout = layout
+        self.mem = C.llama_get_memory(self.ctx)
 
     def decode(self, tokens: list[int], positions: list[int] | None = None, seq_ids: tuple[int, ...] = (0,)) -> np.ndarray:
         """Decode tokens (default positions: after the sequence's newest); return the last token's logits."""
