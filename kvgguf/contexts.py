@@ -28,6 +28,7 @@ import numpy.typing as npt
 from ._native import BUILD_INFO, llama_cpp, llama_cpp_api
 from .chat import CONTEXT_MARK, ChatLayout
 from .settings import DEFAULT_SINK, DEFAULT_WINDOW, validate_settings
+from .tiers import KVTierLayout, TierPlan
 
 if TYPE_CHECKING:
     from .llama import Llama
@@ -36,7 +37,7 @@ MAGIC = b"KVGGUFCX"
 FORMAT_VERSION = 2  # 2: the header records the library (llama.cpp and patch set) that wrote the state
 _PREAMBLE = struct.Struct("<8sIQ")
 _MAX_HEADER_BYTES = 1 << 24
-_ARRAY_DTYPES = {"int32": np.int32, "float32": np.float32, "uint8": np.uint8}
+_ARRAY_DTYPES = {"int32": np.int32, "float32": np.float32, "float64": np.float64, "uint8": np.uint8}
 
 
 class ContextFileError(ValueError):
@@ -92,7 +93,9 @@ class CompressedContext:
     state: bytes                                   # llama.cpp's sequence state (llama_state_seq_get_data)
     tokens: npt.NDArray[np.int32]                  # the context's token ids, one per position
     positions: npt.NDArray[np.int32]               # [n_cells] the positions the cells hold (a cell's largest)
-    head_positions: npt.NDArray[np.int32] | None   # [n_layer, n_head_kv, n_cells] per head, after a head eviction
+    head_positions: Any                            # after a head eviction, which token each head's cell holds:
+                                                   # [n_layer, n_head_kv, n_cells], or per tier of a tiered
+                                                   # cache [n_heads_of_tier, n] (or None); else None
     scores: npt.NDArray[np.float32] | None         # [n_layer, n_head_kv, n_cells] the policy's score of each
                                                    # (layer, KV head, cell)'s token; None if nothing was evicted
     model: ModelIdentity
@@ -102,6 +105,7 @@ class CompressedContext:
     budget: int | None
     n_protected: int                               # cells at the start kept unconditionally (template, system)
     chat: ChatLayout | None                        # None: questions are appended as raw tokens
+    tiers: TierPlan | None = None                  # the tiered cache the state is for (None: a plain cache)
 
     @property
     def n_tokens(self) -> int:
@@ -122,10 +126,9 @@ class CompressedContext:
         """Write the context to ``path`` (see the module docstring for the layout); returns the path."""
         arrays: dict[str, np.ndarray] = {"state": np.frombuffer(self.state, dtype=np.uint8),
                                          "tokens": self.tokens, "positions": self.positions}
-        for name in ("head_positions", "scores"):
-            value = getattr(self, name)
-            if value is not None:
-                arrays[name] = value
+        if self.scores is not None:
+            arrays["scores"] = self.scores
+        arrays.update(_layout_arrays(self.head_positions, self.tiers))
         entries, chunks, offset = {}, [], 0
         for name, array in arrays.items():
             data = np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
@@ -151,6 +154,26 @@ class CompressedContext:
             handle.write(payload)
         os.replace(tmp, path)
         return path
+
+
+def _layout_arrays(head_positions: Any, tiers: TierPlan | None) -> dict[str, np.ndarray]:
+    """The arrays a context file keeps of its per-head layout and, for a tiered cache, of its tiers."""
+    if tiers is None:
+        return {} if head_positions is None else {"head_positions": head_positions}
+    arrays = {"tier_cells": np.asarray(tiers.layout.n_cells, dtype=np.int32),
+              "tier_of_head": tiers.layout.tier_of_head, "tier_keep": tiers.keep_fraction.astype(np.float64)}
+    for tier, tokens in enumerate(head_positions or []):
+        if tokens is not None:
+            arrays[f"tier_tokens_{tier}"] = tokens
+    return arrays
+
+
+def _layout_from(arrays: dict[str, np.ndarray]) -> tuple[Any, TierPlan | None]:
+    if "tier_cells" not in arrays:
+        return arrays.get("head_positions"), None
+    plan = TierPlan(KVTierLayout(tuple(int(n) for n in arrays["tier_cells"]), arrays["tier_of_head"]),
+                    arrays["tier_keep"])
+    return [arrays.get(f"tier_tokens_{tier}") for tier in range(plan.layout.n_tiers)], plan
 
 
 def library_identity() -> dict[str, Any]:
@@ -200,12 +223,13 @@ def read_context_file(path: str | os.PathLike[str]) -> CompressedContext:
         _check_library(path, header["library"])
         arrays = {name: _array(payload, entry) for name, entry in entries.items()}
         chat = header["chat"]
+        head_positions, tiers = _layout_from(arrays)
         return CompressedContext(
             state=arrays["state"].tobytes(), tokens=arrays["tokens"], positions=arrays["positions"],
-            head_positions=arrays.get("head_positions"), scores=arrays.get("scores"),
+            head_positions=head_positions, scores=arrays.get("scores"),
             model=ModelIdentity(**header["model"]), policy=header["policy"], granularity=header["granularity"],
             keep=header["keep"], budget=header["budget"],
-            n_protected=int(header["n_protected"]), chat=None if chat is None else ChatLayout(**chat))
+            n_protected=int(header["n_protected"]), chat=None if chat is None else ChatLayout(**chat), tiers=tiers)
     except ContextFileError:
         raise
     except (ValueError, KeyError, TypeError) as err:  # JSONDecodeError is a ValueError
@@ -229,7 +253,9 @@ class KVSnapshot:
 
     data: bytes
     tokens: np.ndarray
-    head_positions: np.ndarray | None = None  # [n_layer, n_head_kv, n] tokens of the head-mixed cells per head
+    head_positions: Any = None      # [n_layer, n_head_kv, n] tokens of the head-mixed cells per head (per tier of
+                                    # a tiered cache: a list of [n_heads_of_tier, n] or None)
+    tiers: TierPlan | None = None   # the tiered cache the state is for (None: the plain cache)
 
 
 def read_sequence_state(ctx: Any, seq_id: int) -> bytes:
@@ -296,7 +322,7 @@ class ContextSession:
             state=snapshot.data, tokens=snapshot.tokens.astype(np.int32), positions=positions,
             head_positions=snapshot.head_positions, scores=scores, model=self.identity(), policy=name,
             granularity=settings.granularity, keep=settings.keep, budget=settings.budget, n_protected=n_protected,
-            chat=chat)
+            chat=chat, tiers=snapshot.tiers)
 
     def _context_tokens(self, context: str | Sequence[int],
                         system: str | None) -> tuple[list[int], ChatLayout | None, int]:
@@ -411,8 +437,8 @@ class ContextSession:
         llm = self.llm
         llm._ctx.kv_cache_seq_rm(llm.kv_controller.host.seq_id, llm.n_tokens, -1)  # stale after reset()
         data = read_sequence_state(llm.ctx, llm.kv_controller.host.seq_id)
-        layout = llm.kv_controller.engine.head_positions(llm.kv_positions())
-        return KVSnapshot(data=data, tokens=llm.input_ids[:llm.n_tokens].copy(), head_positions=layout)
+        return KVSnapshot(data=data, tokens=llm.input_ids[:llm.n_tokens].copy(),
+                          head_positions=llm.kv_controller.engine.layout_state(), tiers=llm.kv_controller.tier_plan)
 
     def restore(self, snapshot: KVSnapshot | CompressedContext) -> None:
         if isinstance(snapshot, CompressedContext):
@@ -422,6 +448,7 @@ class ContextSession:
         llm = self.llm
         seq_id = llm.kv_controller.host.seq_id
         llm.reset()
+        llm.kv_controller.use_tiers(snapshot.tiers)  # the state is read back only into the same tiers
         llm._ctx.kv_cache_seq_rm(seq_id, -1, -1)
         write_sequence_state(llm.ctx, seq_id, snapshot.data)
         n_tokens = int(snapshot.tokens.size)
@@ -429,13 +456,14 @@ class ContextSession:
         llm.input_ids[:n_tokens] = snapshot.tokens
         llm.n_tokens = n_tokens
         engine = llm.kv_controller.engine
-        engine.set_head_layout(snapshot.head_positions)
+        engine.restore_layout(snapshot.head_positions)
         llm.kv_controller.restored(engine.cache.n_cells() < n_tokens or snapshot.head_positions is not None)
         return None
 
     def _restore_context(self, context: CompressedContext) -> None:
         self.check(context)
-        self.restore(KVSnapshot(data=context.state, tokens=context.tokens, head_positions=context.head_positions))
+        self.restore(KVSnapshot(data=context.state, tokens=context.tokens, head_positions=context.head_positions,
+                                tiers=context.tiers))
         if not np.array_equal(self.llm.kv_positions(), context.positions):
             raise ContextFileError("the restored cache does not hold the positions the context file lists")
         self.llm.kv_controller.restored(True, context.n_protected, context.policy, context.scores)
@@ -462,6 +490,6 @@ class ContextSession:
         if mismatch is not None:
             raise ContextFileError(f"the compressed context does not fit this model: {mismatch}")
         n_ctx = self.llm.n_ctx()
-        if context.n_cells + 1 > n_ctx:
+        if context.tiers is None and context.n_cells + 1 > n_ctx:
             raise ValueError(f"the compressed context holds {context.n_cells} cells; this Llama's n_ctx="
                              f"{n_ctx} leaves no room to answer: use n_ctx > {context.n_cells}")

@@ -13,11 +13,11 @@ Policies score through the scoring context; the engine evicts. Nothing here know
 from __future__ import annotations
 
 import contextlib
-import dataclasses
+import numbers
 import logging
 import time
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
@@ -29,8 +29,15 @@ from .policies import Policy
 from .scores import reduce_groups
 from .scoring import ScoringContext, ScoringHost, TapSpec
 from .settings import EvictionSettings
+from .tiers import TierPlan, TieredEngine, clear_tiers
+
+if TYPE_CHECKING:
+    from .head_profile import HeadProfile
 
 logger = logging.getLogger(__name__)
+
+# cells a chat template's head of a user turn may take beyond the sinks (a tier plan keeps room for them)
+TEMPLATE_HEAD_MARGIN = 16
 
 
 class EvictionController:
@@ -39,8 +46,14 @@ class EvictionController:
     def __init__(self, host: ScoringHost, engine: EvictionEngine, scoring: ScoringContext,
                  chat: ChatTemplate | None) -> None:
         self.host = host
-        self.engine = engine
+        self.engine: EvictionEngine | TieredEngine = engine
+        self.plain_engine = engine
         self.scoring = scoring
+        # a per-model head profile (kvgguf.head_profile): with one, a policy that uses it evicts in a tiered
+        # cache (Policy.plan_tiers); the plan in use, None for the plain cache
+        self.head_profile: HeadProfile | None = None
+        self.tier_plan: TierPlan | None = None
+        self._settings_plan: TierPlan | None = None  # the plan of the settings (a restored context may differ)
         self.chat = chat
         self.settings: EvictionSettings | None = None
         self.policy: Policy | None = None
@@ -55,13 +68,19 @@ class EvictionController:
 
     @property
     def n_ctx(self) -> int:
+        """Cells of the cache (of its smallest tier, for a tiered one)."""
         return self.scoring.n_ctx
+
+    @property
+    def tiered(self) -> bool:
+        """The sequence lives in a tiered KV cache (``kvgguf.tiers``): room and budgets are per tier."""
+        return self.scoring.tiers is not None
 
     def check(self, settings: EvictionSettings | None) -> Policy | None:
         """The policy for ``settings``, or ValueError if they can not work in this context."""
         if settings is None:
             return None
-        if libllama.llama_memory_n_attended(self.engine.cache.memory, self.host.seq_id) < 0:
+        if not self.tiered and libllama.llama_memory_n_attended(self.engine.cache.memory, self.host.seq_id) < 0:
             raise ValueError(f"kv_eviction={settings.policy_name!r} needs a single attention KV cache; this model's "
                              "memory (recurrent, hybrid or sliding-window + full caches) is not supported yet")
         n_ctx = self.n_ctx
@@ -75,14 +94,75 @@ class EvictionController:
                              "it uses ALiBi, whose bias comes from each cell's one position, and a per-head "
                              "eviction fills cells with different tokens per KV head; use kv_granularity='token'")
         policy = settings.policy()
-        policy.check_fits(self.scoring, settings.sink + settings.window)
+        if policy.head_profile_use == "required" and self.head_profile is None:
+            raise ValueError(f"kv_eviction={settings.policy_name!r} needs a head profile of this model: pass "
+                             "kv_head_profile= a file made by `kvgguf profile-heads` (none ships for this model)")
+        if policy.head_profile_use is not None and self.head_profile is not None and policy.observes_decode:
+            raise ValueError(f"kv_eviction={settings.policy_name!r} observes decoding, which a tiered cache does "
+                             "not support yet; use kv_head_profile=None")
+        if self.plan_for(settings, policy) is None:
+            policy.check_fits(self.scoring, settings.sink + settings.window)
         return policy
 
-    def configure(self, settings: EvictionSettings | None, policy: Policy | None = None) -> None:
-        """Use ``settings`` from now on (checked with ``check`` unless its policy is given)."""
-        if policy is None:
+    def plan_for(self, settings: EvictionSettings | None, policy: Policy | None) -> TierPlan | None:
+        """The tiered cache ``policy`` evicts in with this controller's head profile; None: the plain cache."""
+        if settings is None or policy is None or policy.head_profile_use is None or self.head_profile is None:
+            return None
+        tiers, self.scoring.tiers = self.scoring.tiers, None  # plan over the context's plain n_ctx
+        try:
+            return policy.plan_tiers(self.head_profile, self.scoring,
+                                     settings.sink + settings.window + TEMPLATE_HEAD_MARGIN + 1)
+        finally:
+            self.scoring.tiers = tiers
+
+    def use_settings_tiers(self) -> None:
+        """The cache the settings evict in again (after a restored context made with others); empties it if it
+        changes."""
+        self.use_tiers(self._settings_plan)
+
+    def use_tiers(self, plan: TierPlan | None) -> None:
+        """Evict in a tiered cache with ``plan`` (None: the plain cache). A different layout than the one in use
+        replaces the context's KV cache, empty: the sequence starts over."""
+        current = self.tier_plan
+        if plan is None and current is None:
+            return
+        if plan is not None and current is not None and plan.layout.n_cells == current.layout.n_cells and \
+                np.array_equal(plan.layout.tier_of_head, current.layout.tier_of_head):
+            self.tier_plan = plan
+            self.engine.keep_fraction = plan.keep_fraction
+            return
+        self.scoring.stop()
+        if plan is None:
+            clear_tiers(self.host.ctx)
+            self.engine = self.plain_engine
+            self.scoring.tiers = None
+        else:
+            plan.layout.apply(self.host.ctx)
+            n_pairs = self.plain_engine.n_layer * self.plain_engine.n_head_kv
+            self.engine = TieredEngine(self.host.ctx, self.host.seq_id, plan.layout, plan.keep_fraction,
+                                       self.plain_engine.stats.bytes_per_cell // n_pairs)
+            self.scoring.tiers = self.engine
+        self.host.memory_replaced()
+        self.tier_plan = plan
+        self.host.n_tokens = 0
+        self.reset()
+
+    def configure(self, settings: EvictionSettings | None, policy: Policy | None = None,
+                  head_profile: HeadProfile | None | object = ...) -> None:
+        """Use ``settings`` (and ``head_profile``, when given) from now on, checked with ``check`` unless its policy
+        is given; on ValueError nothing changes."""
+        if head_profile is not ...:
+            previous, self.head_profile = self.head_profile, head_profile
+            try:
+                policy = self.check(settings)
+            except ValueError:
+                self.head_profile = previous
+                raise
+        elif policy is None:
             policy = self.check(settings)
         self.scoring.stop()
+        self._settings_plan = self.plan_for(settings, policy)
+        self.use_tiers(self._settings_plan)
         self.settings, self.policy = settings, policy
         self.last_scores = None
         self._prompt_pending = False
@@ -97,6 +177,9 @@ class EvictionController:
         assert policy is not None
         self.scoring.stop()
         previous = self.settings, self.policy, self.last_scores
+        previous_plan = self._settings_plan
+        self._settings_plan = self.plan_for(settings, policy)
+        self.use_tiers(self._settings_plan)
         self.settings, self.policy, self.last_scores = settings, policy, None
         self._head_hint = head
         try:
@@ -106,6 +189,8 @@ class EvictionController:
             self.settings, self.policy, self.last_scores = previous
             self._prompt_pending = False
             self._head_hint = None
+            self._settings_plan = previous_plan
+            self.use_tiers(previous_plan)
 
     # --- the sequence's life ------------------------------------------------------------------------------------
 
@@ -138,9 +223,9 @@ class EvictionController:
         """Decode ``tokens`` as the sequence's next ones, evicting as the settings say."""
         tokens = list(tokens)
         if self.policy is None:
-            n_cells = self.engine.cache.n_cells() if self.lossy else self.host.n_tokens
-            if n_cells + len(tokens) > self.n_ctx:
-                raise ValueError(f"the cache is full: {n_cells} cells + {len(tokens)} new tokens exceed "
+            room = self.engine.room() if self.lossy or self.tiered else self.n_ctx - self.host.n_tokens
+            if len(tokens) > room:
+                raise ValueError(f"the cache is full: {len(tokens)} new tokens do not fit the {room} free cells of "
                                  f"n_ctx={self.n_ctx}; use a larger n_ctx, or kv_eviction= to evict while decoding")
             return self.host.decode_tokens(tokens)
         if self._prompt_pending:
@@ -149,7 +234,7 @@ class EvictionController:
         # cells past n_tokens (left by a reset(), say) are what llama-cpp-python's eval drops anyway: drop them
         # before counting the room, or they would be evicted for, and scored, as if they were context
         self._drop_stale_cells()
-        if self.engine.cache.n_cells() + len(tokens) > self.n_ctx - self.window - 1:
+        if self.engine.room() - len(tokens) < self.window + 1:
             # the cache is about to fill: the next tokens may observe, as the prompt's last ones did at prefill
             self.policy.observe_decode(self.scoring, self.host.n_tokens)
         self._make_room(len(tokens))
@@ -191,8 +276,7 @@ class EvictionController:
         self._drop_stale_cells()
         n_prompt_cells = self.engine.cache.n_cells() + len(tokens)
         reserve = self.reserve()
-        n_ctx = self.n_ctx - reserve
-        fits = n_prompt_cells <= n_ctx
+        fits = self.engine.room() - reserve >= len(tokens)
         chunk = self.scoring.n_batch if fits else self._piece_size(reserve)  # pieces matter only between evictions
         starts = list(range(0, len(tokens), chunk))
         for i, start in enumerate(starts):
@@ -203,14 +287,13 @@ class EvictionController:
             self._make_room(len(piece), slack=False, granularity="token")
             is_last = i == len(starts) - 1
             next_len = 0 if is_last else min(chunk, len(tokens) - starts[i + 1])
-            if not policy.observes_decode and (is_last or self.engine.cache.n_cells() + len(piece) + next_len > n_ctx):
+            if not policy.observes_decode and (is_last or self.engine.room() - reserve < len(piece) + next_len):
                 # an eviction follows this piece: its last tokens may observe
                 policy.observe_prompt(self.scoring, self.host.n_tokens + len(piece))
             self._decode(piece)
         # leave room for the observation window (or the scoring decodes) of a later, decode-time eviction
-        room_cap = self.n_ctx - self.window - 2 - reserve
-        target = dataclasses.replace(settings, sink=self.protected_head).target_cells(n_prompt_cells)
-        self.evict_to(min(target, room_cap))
+        self.evict_to(self.engine.keep_budget(settings, self.protected_head, n_prompt_cells,
+                                              cap_free=self.window + 2 + reserve))
         self.scoring.stop()
         self._decode_budget = None
 
@@ -222,19 +305,19 @@ class EvictionController:
 
     def _make_room(self, n_new: int, slack: bool = True, granularity: str | None = None) -> None:
         """Evict before decoding ``n_new`` tokens if they would not fit in the n_ctx cells (less the policy's
-        reserve)."""
-        n_ctx = self.n_ctx - self.reserve()
-        if self.engine.cache.n_cells() + n_new <= n_ctx:
+        reserve; in every tier of a tiered cache)."""
+        reserve = self.reserve()
+        if self.engine.room() - reserve >= n_new:
             return
         assert self.settings is not None
         # only make room: the budget is applied once the whole prompt is known (a query-aware policy sees the
         # question last). While decoding, a little slack keeps it from evicting at every step.
-        n_slack = min(n_ctx // 8, 256) if slack else 0
+        n_slack = min((self.n_ctx - reserve) // 8, 256) if slack else 0
         n_protected = self.protected_head + self.settings.window
-        self.evict_to(max(n_ctx - n_new - n_slack, n_protected + 1), granularity)
-        if self.engine.cache.n_cells() + n_new > n_ctx:
-            raise ValueError(f"cannot fit {n_new} new tokens into {n_ctx} cells with kv_sink + kv_window = "
-                             f"{n_protected} protected; use a larger n_ctx")
+        self.evict_to(np.maximum(self.engine.keep_leaving(n_new + reserve + n_slack), n_protected + 1), granularity)
+        if self.engine.room() - reserve < n_new:
+            raise ValueError(f"cannot fit {n_new} new tokens into {self.n_ctx - reserve} cells with kv_sink + "
+                             f"kv_window = {n_protected} protected; use a larger n_ctx")
 
     def _decode(self, tokens: list[int]) -> None:
         """Decode ``tokens``; a policy that observes decoding is shown their attention over the cells."""
@@ -271,12 +354,14 @@ class EvictionController:
             if self.engine.cache.n_cells() > self._decode_budget:
                 self.evict_to(self._decode_budget, reuse_holes=True)
 
-    def evict_to(self, n_keep: int, granularity: str | None = None, reuse_holes: bool = False) -> None:
-        """Score the cells and keep ``n_keep`` of them (the protected ones among them). ``reuse_holes``: at
-        token granularity, leave the freed cells for the next tokens to fill when they are few (no compaction)."""
-        positions = self.engine.cache.positions()
-        if positions.size <= n_keep:
+    def evict_to(self, n_keep: int | npt.NDArray[np.int64], granularity: str | None = None,
+                 reuse_holes: bool = False) -> None:
+        """Score the cells and keep ``n_keep`` of them (the protected ones among them; per tier for a tiered
+        cache). ``reuse_holes``: at token granularity, leave the freed cells for the next tokens to fill when
+        they are few (no compaction)."""
+        if not self.engine.needs_eviction(n_keep):
             return
+        positions = self.engine.cache.positions()
         settings, policy = self.settings, self.policy
         assert settings is not None and policy is not None
         t0 = time.perf_counter()
@@ -288,15 +373,24 @@ class EvictionController:
         layout = self.engine.head_positions(positions)
         if layout is not None:
             self.last_scores["head_positions"] = layout
+        if self.tiered:
+            # scores per (layer, KV head, token): each tier selects among its own heads' tokens, per head unless
+            # token granularity is asked for (the profile's budgets are per head)
+            per_head = (granularity or (settings.granularity if settings.granularity_given else "head")) == "head"
+            if scores.ndim == 1:
+                scores = np.broadcast_to(scores, (self.engine.n_layer, self.engine.n_head_kv, scores.size))
+            score_s = time.perf_counter() - t0
+            self.scoring.stop()
+            self.engine.evict(positions, scores, n_keep, self._protected(positions.size), score_s=score_s,
+                              states=policy.cell_states(), per_head=per_head)
+            self.lossy = True
+            return
         granularity = granularity or settings.granularity
         if scores.ndim == 3 and granularity == "token":
             # one decision per cell: the max over layers and heads
             scores = reduce_groups(scores.reshape(-1, positions.size), scores.shape[0] * scores.shape[1], "max")[0]
         score_s = time.perf_counter() - t0
-        protect = np.zeros(positions.size, dtype=bool)
-        protect[:self.protected_head] = True
-        protect[max(0, positions.size - settings.window):] = True
-        protect[-1] = True
+        protect = self._protected(positions.size)
         self.scoring.stop()  # the scores follow cell indices, which the eviction changes
         compact = True
         if reuse_holes and scores.ndim == 1:
@@ -308,11 +402,26 @@ class EvictionController:
                           compact=compact)
         self.lossy = True
 
+    def _protected(self, n_cells: int) -> npt.NDArray[np.bool_]:
+        """The cells never evicted: the sinks or the template's head, the recent window, the newest."""
+        assert self.settings is not None
+        protect = np.zeros(n_cells, dtype=bool)
+        protect[:self.protected_head] = True
+        protect[max(0, n_cells - self.settings.window):] = True
+        protect[-1] = True
+        return protect
+
     def shift(self, p0: int, p1: int, delta: int) -> None:
         """Move the cached tokens at positions [p0, p1) by ``delta`` (llama.cpp's K-shift); the token ids follow.
         ValueError, with nothing changed, where llama.cpp would refuse or the result would be wrong: a cache that
         can not shift, a range with a head-mixed cell in it (it has no single position), or positions that would
         land below 0 or on positions the cache holds outside the range."""
+        for name, value in (("delta", delta), ("p0", p0), ("p1", p1)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise ValueError(f"{name} must be an integer, got {value!r}")
+        if not 0 <= p0 < p1 or delta == 0:
+            raise ValueError(f"kv_shift needs 0 <= p0 < p1 and delta != 0, got p0={p0}, p1={p1}, delta={delta}")
+        p0, p1, delta = int(p0), int(p1), int(delta)
         memory = self.engine.cache.memory
         if not llama_cpp_api.llama_memory_can_shift(memory):
             raise ValueError("this model's cache can not shift positions")
@@ -350,8 +459,10 @@ class EvictionController:
         stats = self.engine.stats.as_dict()
         stats["cells_now"] = self.engine.cache.n_cells()
         stats["attended_now"] = self.engine.cache.n_attended()
-        # what the cache's cells hold now, and what llama.cpp allocated for n_ctx cells
-        stats["kv_bytes_now"] = stats["cells_now"] * stats["bytes_per_cell"]
-        stats["kv_bytes_allocated"] = self.n_ctx * stats["bytes_per_cell"]
+        # what the cache's cells hold now, and what llama.cpp allocated
+        stats["kv_bytes_now"], stats["kv_bytes_allocated"] = self.engine.kv_bytes()
+        if self.tiered:
+            stats["tier_cells_now"] = self.engine.tier_cells().tolist()
+            stats["tier_cells"] = list(self.engine.layout.n_cells)
         stats["policy"] = self.settings.policy_name if self.settings else None
         return stats

@@ -7,9 +7,11 @@ policies' per-cell state (``CellState``) through every eviction.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import logging
 import time
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -20,6 +22,8 @@ from .scores import select_topk
 logger = logging.getLogger(__name__)
 
 _int32_p = ctypes.POINTER(ctypes.c_int32)
+
+EvictionSettingsLike = Any  # kvgguf.settings.EvictionSettings (which imports the policies, which import this)
 
 # bytes per element of the ggml types a KV cache can use (ggml.h: block size / block bytes)
 _GGML_TYPE_BYTES = {0: 4.0, 1: 2.0, 30: 2.0, 8: 34 / 32, 2: 18 / 32, 3: 20 / 32, 6: 22 / 32, 7: 24 / 32, 20: 18 / 32}
@@ -186,6 +190,40 @@ class EvictionEngine:
         # indices (into the cells before it) that the last eviction kept: [n_layer, n_head_kv, n_keep] per head or
         # [n_keep]; kept cell j of head (il, h) is cell last_kept[il, h, j] (or last_kept[j]) of before
         self.last_kept: npt.NDArray[np.int32] | None = None
+
+    # --- room and targets (a tiered cache's engine, kvgguf.tiers.TieredEngine, answers per tier) ---------------
+
+    @property
+    def capacity(self) -> int:
+        """Cells of the cache."""
+        return int(llama_cpp_api.llama_n_ctx(self.cache.ctx))
+
+    def room(self) -> int:
+        """Tokens that fit before the cache is full."""
+        return self.capacity - self.cache.n_cells()
+
+    def keep_leaving(self, n_free: int) -> int:
+        """Cells to keep so that ``n_free`` more tokens fit."""
+        return self.capacity - n_free
+
+    def keep_budget(self, settings: EvictionSettingsLike, n_protected: int, n_cells: int, cap_free: int) -> int:
+        """Cells to keep at the settings' budget out of ``n_cells`` (the first ``n_protected`` protected),
+        leaving at least ``cap_free`` cells free."""
+        return min(dataclasses.replace(settings, sink=n_protected).target_cells(n_cells), self.capacity - cap_free)
+
+    def needs_eviction(self, n_keep: int) -> bool:
+        return self.cache.n_cells() > n_keep
+
+    def kv_bytes(self) -> tuple[int, int]:
+        """Bytes the sequence's cells hold now, and bytes the cache allocated."""
+        return self.cache.n_cells() * self.stats.bytes_per_cell, self.capacity * self.stats.bytes_per_cell
+
+    def layout_state(self) -> npt.NDArray[np.int32] | None:
+        """Which token each KV head holds in the head-mixed cells (for a snapshot; None: no such cells)."""
+        return self.head_positions(self.cache.positions())
+
+    def restore_layout(self, state: npt.NDArray[np.int32] | None) -> None:
+        self.set_head_layout(state)
 
     def head_positions(self, positions: npt.NDArray[np.int32]) -> npt.NDArray[np.int32] | None:
         """The position each (layer, KV head, cell) holds, for the cells at ``positions``; None when every

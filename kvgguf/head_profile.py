@@ -236,6 +236,26 @@ class HeadProfile:
             raise HeadProfileError(f"{path}: the head profile lacks {PREFIX}{missing.args[0]}") from None
 
 
+AUTO = "auto"  # kv_head_profile: the profile shipped for the model, if any
+
+
+def resolve_profile(spec: str | os.PathLike[str] | None, model_path: str | os.PathLike[str],
+                    identity: ModelIdentity) -> HeadProfile | None:
+    """The head profile a ``Llama`` uses: None (no profile), ``"auto"`` (the one shipped for this model file, or
+    none) or a path (a profile file, or a model GGUF that carries one), checked against the model."""
+    if spec is None:
+        return None
+    if isinstance(spec, str) and spec == AUTO:
+        return shipped_profile(model_path)
+    if not isinstance(spec, (str, os.PathLike)):
+        raise ValueError(f"kv_head_profile must be a path, {AUTO!r} or None, got {spec!r}")
+    if not os.path.isfile(spec):
+        raise ValueError(f"kv_head_profile={str(spec)!r} is not a file")
+    profile = HeadProfile.load(spec)
+    profile.check_model(identity)
+    return profile
+
+
 def shipped_profile(model_path: str | os.PathLike[str]) -> HeadProfile | None:
     """The profile shipped with the package for the GGUF file at ``model_path`` (matched by its fingerprint), or
     None if none was made for it."""

@@ -12,7 +12,6 @@ reused as a token prefix by a later call.
 """
 from __future__ import annotations
 
-import numbers
 import os
 from collections.abc import Generator, Sequence
 from typing import Any
@@ -24,6 +23,7 @@ from .chat import ChatTemplate
 from .contexts import CompressedContext, ContextSession, KVSnapshot, ModelIdentity, read_context_file
 from .controller import EvictionController
 from .engine import EvictionEngine, KVCacheView, kv_bytes_per_cell
+from .head_profile import resolve_profile
 from .models import check_gguf_file
 from .scoring import ScoringContext
 from .settings import DEFAULT_SINK, DEFAULT_WINDOW, EvictionSettings, validate_settings
@@ -59,6 +59,9 @@ class _Sequence:
     def grow(self, n_positions: int) -> None:
         self._llm._grow(n_positions)
 
+    def memory_replaced(self) -> None:  # a tiered cache, or the plain one again: llama-cpp-python keeps a handle
+        self._llm._ctx.memory = llama_cpp_api.llama_get_memory(self.ctx)
+
     def lora_adapters(self) -> list[tuple[Any, float]]:
         adapter = getattr(self._llm, "_lora_adapter", None)
         return [(adapter, self._llm.lora_scale)] if adapter else []
@@ -77,6 +80,8 @@ class Llama(llama_cpp.Llama):
             "token" (one decision per token); default: the policy's (snapkv head, kvzip token).
         kv_evict_every: (policies that observe decoding) bring the cache back to the budget every this many
             decoded tokens.
+        kv_head_profile: the model's head profile: a path, "auto" (the one shipped for this model) or None; with one,
+            kvzip gives each KV head its profiled budget in a tiered cache ("kvzip-head" needs one).
 
     With a policy, prompts longer than ``n_ctx`` are prefilled in chunks with eviction between chunks, and
     generation that fills the cache evicts again instead of failing; positions may run up to
@@ -85,7 +90,8 @@ class Llama(llama_cpp.Llama):
 
     def __init__(self, model_path: str, *args: Any, kv_eviction: str | None = None, kv_keep: float | None = None,
                  kv_budget: int | None = None, kv_window: int = DEFAULT_WINDOW, kv_sink: int = DEFAULT_SINK,
-                 kv_granularity: str | None = None, kv_evict_every: int | None = None, **kwargs: Any) -> None:
+                 kv_granularity: str | None = None, kv_evict_every: int | None = None,
+                 kv_head_profile: str | os.PathLike[str] | None = None, **kwargs: Any) -> None:
         settings = validate_settings(kv_eviction, kv_keep, kv_budget, kv_window, kv_sink, kv_granularity,
                                      kv_evict_every)
         check_gguf_file(model_path)
@@ -109,7 +115,8 @@ class Llama(llama_cpp.Llama):
         self.kv_controller = EvictionController(sequence, engine, scoring, self.chat_template)
         self._stack.callback(scoring.close)
         self._kv_contexts = ContextSession(self)
-        self.kv_controller.configure(settings)
+        self.kv_controller.configure(settings, head_profile=resolve_profile(kv_head_profile, model_path,
+                                                                            self.model_identity()))
 
     def close(self) -> None:
         # __del__ calls close() even when __init__ raised before the parent set anything up
@@ -121,11 +128,13 @@ class Llama(llama_cpp.Llama):
     def configure_kv_eviction(self, kv_eviction: str | None, kv_keep: float | None = None,
                               kv_budget: int | None = None, kv_window: int = DEFAULT_WINDOW,
                               kv_sink: int = DEFAULT_SINK, kv_granularity: str | None = None,
-                              kv_evict_every: int | None = None) -> None:
+                              kv_evict_every: int | None = None,
+                              kv_head_profile: str | os.PathLike[str] | None = None) -> None:
         """Change the eviction settings of a loaded model; on ValueError the old settings stay in force."""
         settings = validate_settings(kv_eviction, kv_keep, kv_budget, kv_window, kv_sink, kv_granularity,
                                      kv_evict_every)
-        self.kv_controller.configure(settings)
+        profile = resolve_profile(kv_head_profile, self.model_path, self.model_identity())
+        self.kv_controller.configure(settings, head_profile=profile)
         self.reset()  # whatever the cache holds was made under other settings
 
     @property
@@ -173,6 +182,7 @@ class Llama(llama_cpp.Llama):
         super().reset()
         if "kv_controller" in self.__dict__:
             self.kv_controller.reset()
+            self.kv_controller.use_settings_tiers()
 
     def eval(self, tokens: Sequence[int]) -> None:
         self.kv_controller.eval(tokens)
@@ -242,13 +252,7 @@ class Llama(llama_cpp.Llama):
         shift does (llama_memory_seq_add); input_ids and n_tokens follow. ValueError, nothing changed, for a
         range that holds a cell a per-head eviction filled (no single position), or positions that would fall
         below 0 or onto ones the cache holds."""
-        p1 = self.n_tokens if p1 is None else p1
-        for name, value in (("delta", delta), ("p0", p0), ("p1", p1)):
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-                raise ValueError(f"{name} must be an integer, got {value!r}")
-        if not 0 <= p0 < p1 or delta == 0:
-            raise ValueError(f"kv_shift needs 0 <= p0 < p1 and delta != 0, got p0={p0}, p1={p1}, delta={delta}")
-        self.kv_controller.shift(int(p0), int(p1), int(delta))
+        self.kv_controller.shift(p0, self.n_tokens if p1 is None else p1, delta)
 
     # --- compressed contexts -----------------------------------------------------------------------------------
 

@@ -26,6 +26,7 @@ from .tap import AttentionTap
 
 if TYPE_CHECKING:
     from .chat import ChatTemplate
+    from .tiers import TieredEngine
 
 POS_END = 2**31 - 1  # an open end for the tap's position range
 
@@ -56,6 +57,10 @@ class ScoringHost(Protocol):
 
     def grow(self, n_positions: int) -> None:
         """Make ``token_ids()`` long enough for ``n_positions`` positions."""
+
+    def memory_replaced(self) -> None:
+        """The context's KV cache was replaced (a tiered cache, or the plain one again): handles to the old one
+        that the host keeps are stale."""
 
     def lora_adapters(self) -> list[tuple[ctypes.c_void_p, float]]:
         """The LoRA adapters (and scales) the host keeps active outside scoring decodes."""
@@ -91,6 +96,8 @@ class ScoringContext:
         self.chat = chat
         self.cache = KVCacheView(host.ctx, host.seq_id)
         self.tap = AttentionTap(host.ctx, n_layer, n_head_kv)
+        # a tiered KV cache (kvgguf.tiers): cells are then the tiers' tokens, scores per (layer, KV head, token)
+        self.tiers: TieredEngine | None = None
         self.protected_head = 0   # the first cells that are the chat template's head (set by the controller)
         self._observing = False
         self._logits_stale = False
@@ -101,8 +108,16 @@ class ScoringContext:
 
     @property
     def n_ctx(self) -> int:
-        """Cells of the context's KV cache."""
+        """Cells of the context's KV cache (of its smallest tier, for a tiered one)."""
+        if self.tiers is not None:
+            return int(self.tiers.capacity.min())
         return llama_cpp_api.llama_n_ctx(self.host.ctx)
+
+    def room(self) -> int:
+        """Rows a scratch decode (or the sequence's next tokens) can add before the cache (a tier) is full."""
+        if self.tiers is not None:
+            return self.tiers.room()
+        return self.n_ctx - self.cache.n_cells()
 
     @property
     def n_batch(self) -> int:
@@ -122,8 +137,19 @@ class ScoringContext:
         return self.host.token_ids()
 
     def positions(self) -> npt.NDArray[np.int32]:
-        """The positions the sequence's cells hold, ascending: the order of every score array."""
+        """The positions the sequence's cells hold, ascending: the order of every score array (a tiered cache:
+        the tokens some head of some tier holds)."""
+        if self.tiers is not None:
+            return self.tiers.positions()
         return self.cache.positions()
+
+    def _tap_scores(self, seq_id: int, positions: npt.NDArray[np.int32] | None = None) -> npt.NDArray[np.float32]:
+        """The tap's scores of the sequence's cells; for a tiered cache, of the tokens ``positions`` (read every
+        tier's cells, ``-inf`` where a head does not hold a token)."""
+        if self.tiers is None:
+            return self.tap.scores(seq_id)
+        tier_scores = [self.tap.scores(seq_id, tier=t) for t in range(self.tiers.layout.n_tiers)]
+        return self.tiers.union_scores(tier_scores, self.positions() if positions is None else positions)
 
     def token_bos(self) -> int:
         return llama_cpp_api.llama_vocab_bos(llama_cpp_api.llama_model_get_vocab(self.host.model))
@@ -156,7 +182,7 @@ class ScoringContext:
         """[n_layer, n_head_kv, n_cells] gathered since ``observe``; None if no observed query was decoded."""
         if not self._observing or self.tap.n_rows() == 0:
             return None
-        return self.tap.scores(self.host.seq_id)
+        return self._tap_scores(self.host.seq_id)
 
     def stop(self) -> None:
         if self._observing:
@@ -194,9 +220,10 @@ class ScoringContext:
             raise ValueError(f"tap_rows must be a contiguous range inside the {n} decoded rows, got {tap_rows}")
         ctx, seq = self.host.ctx, self.host.seq_id
         memory = llama_cpp_api.llama_get_memory(ctx)
-        n_cells = self.cache.n_cells()
-        if n_cells + n > self.n_ctx:
-            raise ValueError(f"a scratch decode of {n} rows does not fit after {n_cells} cells in n_ctx={self.n_ctx}")
+        if n > self.room():
+            raise ValueError(f"a scratch decode of {n} rows does not fit: the cache has room for {self.room()}")
+        positions = self.positions() if self.tiers is not None else None
+        n_cells = self.cache.n_cells() if self.tiers is None else positions.size
         n_past = self.host.n_tokens
         if scratch_sequence:
             seq = self._scratch_sequence()
@@ -214,7 +241,11 @@ class ScoringContext:
                 else:
                     self._decode_tokens(tokens[start:end], n_past + start, seq)
             if tap is not None:
-                scores = self.tap.scores(seq)[:, :, :n_cells]
+                if self.tiers is None:
+                    scores = self.tap.scores(seq)[:, :, :n_cells]
+                else:
+                    # per tier, its cells in position order: the context's first, the scratch ones last
+                    scores = [self.tap.scores(seq, tier=t) for t in range(self.tiers.layout.n_tiers)]
         finally:
             self._logits_stale = True
             if tap is not None:
@@ -225,6 +256,9 @@ class ScoringContext:
                 llama_cpp_api.llama_memory_seq_rm(memory, seq, -1, -1)
             else:
                 llama_cpp_api.llama_memory_seq_rm(memory, seq, n_past, -1)
+        if isinstance(scores, list):
+            assert self.tiers is not None and positions is not None
+            scores = self.tiers.union_scores(scores, positions)  # the scratch cells are gone again
         return np.ascontiguousarray(scores) if scores is not None else None
 
     def finish(self) -> None:

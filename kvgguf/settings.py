@@ -26,6 +26,8 @@ class EvictionSettings:
     granularity: str
     # decoding: every this many decoded tokens the cache goes back to the budget (policies that observe decoding)
     evict_every: int | None = None
+    # False when the granularity is the policy's default (in a tiered cache, eviction is then per head)
+    granularity_given: bool = True
 
     def policy(self) -> Policy:
         """A new instance of the policy, with no cell state yet."""
@@ -102,4 +104,5 @@ def validate_settings(kv_eviction: str | None, kv_keep: float | None = None, kv_
         evict_every = policy_class.default_evict_every
 
     return EvictionSettings(policy_name=kv_eviction, keep=keep, budget=budget, window=window, sink=sink,
-                            granularity=granularity, evict_every=evict_every)
+                            granularity=granularity, evict_every=evict_every,
+                            granularity_given=kv_granularity is not None)

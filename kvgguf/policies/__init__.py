@@ -6,12 +6,14 @@ from typing import TYPE_CHECKING
 from .base import Policy
 from .h2o import H2OPolicy
 from .kvzip import KVzipPolicy
+from .kvzip_head import KVzipHeadPolicy
 from .snapkv import SnapKVPolicy
 from .streaming import StreamingPolicy
 
 POLICIES: dict[str, type[Policy]] = {
     H2OPolicy.name: H2OPolicy,
     KVzipPolicy.name: KVzipPolicy,
+    KVzipHeadPolicy.name: KVzipHeadPolicy,
     SnapKVPolicy.name: SnapKVPolicy,
     StreamingPolicy.name: StreamingPolicy,
 }

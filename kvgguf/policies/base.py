@@ -18,8 +18,10 @@ import numpy.typing as npt
 from ..engine import CellState
 
 if TYPE_CHECKING:
+    from ..head_profile import HeadProfile
     from ..scoring import ScoringContext
     from ..settings import EvictionSettings
+    from ..tiers import TierPlan
 
 
 class Policy(ABC):
@@ -42,6 +44,9 @@ class Policy(ABC):
     decode_heads: ClassVar[str] = "mean"
     # kv_evict_every when not given (observes_decode policies)
     default_evict_every: ClassVar[int | None] = None
+    # how the policy uses a per-model head profile (kvgguf.head_profile): None (not at all), "optional" (with a
+    # profile it evicts in a tiered cache, ``plan_tiers``) or "required"
+    head_profile_use: ClassVar[str | None] = None
 
     def __init__(self, settings: EvictionSettings) -> None:
         self.settings = settings
@@ -54,6 +59,11 @@ class Policy(ABC):
 
     def check_fits(self, scoring: ScoringContext, n_protected: int) -> None:
         """ValueError if the policy can not work in this context's cache with ``n_protected`` cells protected."""
+
+    def plan_tiers(self, profile: HeadProfile, scoring: ScoringContext, n_protected: int) -> TierPlan | None:
+        """(``head_profile_use`` policies) The tiered KV cache the policy evicts in with ``profile``, for the
+        context's ``scoring.n_ctx`` tokens with ``n_protected`` never evicted; None: a plain cache."""
+        return None
 
     def prefill_piece(self, scoring: ScoringContext) -> int | None:
         """Prompt tokens decoded between two evictions of a prompt longer than the cache (None: n_batch)."""

@@ -18,13 +18,18 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
 
 from ..engine import CellState
 from ..scoring import ScoringContext, TapSpec
+from ..tiers import TierPlan, plan_budget_tiers
 from .base import Policy
+
+if TYPE_CHECKING:
+    from ..head_profile import HeadProfile
 
 CHUNK_TOKENS = 2048
 QUOTED_TOKENS = 8
@@ -72,12 +77,15 @@ class KVzipPolicy(Policy):
     decodes_to_score = True
     # the chat template's head is not context: protected, and the reconstruction starts after it (kvpress too)
     protects_template_head = True
+    # with a head profile, each KV head keeps its profiled share of the budget, in a tiered cache
+    head_profile_use = "optional"
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         # [n_layer, n_head_kv, n] the scores of the first n cells (those scored at earlier evictions)
         self.known = CellState()
         self._request_len: int | None = None
+        self._tier_piece: int | None = None  # the prompt piece a tier plan made room for (plan_tiers)
 
     # --- sizes --------------------------------------------------------------------------------------------------
 
@@ -95,8 +103,24 @@ class KVzipPolicy(Policy):
 
     def prefill_piece(self, scoring: ScoringContext) -> int:
         """Prompt tokens decoded between evictions (each piece is reconstructed at the next one): small, so that
-        a context longer than n_ctx leaves most cells to the compressed part before it."""
+        a context longer than n_ctx leaves most cells to the compressed part before it (in a tiered cache, the
+        piece its tiers were planned for)."""
+        if scoring.tiers is not None and self._tier_piece is not None:
+            return self._tier_piece
         return min(scoring.n_batch, max(MIN_CHUNK, scoring.n_ctx // 8))
+
+    def plan_tiers(self, profile: HeadProfile, scoring: ScoringContext, n_protected: int) -> TierPlan:
+        """Tiers for the profile's per-head budgets at the kept ratio (the reference's global selection, with a
+        per-model share per head): each tier holds its heads' budget, the protected cells, and room for a
+        prompt piece and its reconstruction. A tier smaller than the prompt takes it in pieces, each
+        reconstructed and evicted before the next (``prefill_piece``: an eighth of the smallest tier)."""
+        n_ctx = scoring.n_ctx
+        settings = self.settings
+        keep = settings.keep if settings.keep is not None else min(1.0, (settings.budget or n_ctx) / n_ctx)
+        n_evictable = max(1, n_ctx - n_protected)
+        self._tier_piece = min(scoring.n_batch, max(MIN_CHUNK, n_ctx // 32))
+        n_extra = n_protected + 3 * self._tier_piece + self.request_len(scoring) + MIN_CHUNK
+        return plan_budget_tiers(profile.budgets(keep, n_evictable), n_evictable, n_ctx, n_extra)
 
     def reserve(self, scoring: ScoringContext) -> int:
         """Cells kept free for a reconstruction: a request and a piece of forced tokens."""
@@ -151,8 +175,7 @@ class KVzipPolicy(Policy):
     def scoring_forward(self, scoring: ScoringContext) -> None:
         """The reconstruction of every cell of the sequence without the tap: the cost of its forward alone (call
         ``scoring.finish()`` afterwards)."""
-        n_cells = scoring.cache.n_cells()
-        room = scoring.n_ctx - n_cells - self.request_len(scoring)
+        room = scoring.room() - self.request_len(scoring)
         self.reconstruct(scoring, self.chunks(scoring, scoring.positions(), room), observe=None)
 
     def score(self, scoring: ScoringContext) -> npt.NDArray[np.float32]:
@@ -166,7 +189,7 @@ class KVzipPolicy(Policy):
         if n_known:
             scores[:, :, :n_known] = self.known.values[:, :, :n_known]
         if n_known < n_cells:
-            room = scoring.n_ctx - n_cells - self.request_len(scoring)
+            room = scoring.room() - self.request_len(scoring)
             if room < MIN_CHUNK:
                 if n_known == 0:
                     raise ValueError(f"kvzip has no scores for the {n_cells} cells of this cache and no room to "
