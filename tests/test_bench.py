@@ -169,9 +169,11 @@ def test_schema_check_names_the_missing_key():
 def test_paired_comparison_with_kvpress_counts_each_sample_once():
     from kvgguf.bench.accuracy import kvpress_twin, paired_with_kvpress
 
-    assert kvpress_twin("kvzip-head") == "kvpress:kvzip-head"
-    assert kvpress_twin("kvzip") == kvpress_twin("kvzip-token") == "kvpress:kvzip-token"  # kvzip's default
-    assert kvpress_twin("snapkv-token") is None  # kvpress's SnapKV selects per head
+    assert kvpress_twin("kvzip@head") == "kvpress:kvzip-head"
+    assert kvpress_twin("kvzip") == kvpress_twin("kvzip@token") == "kvpress:kvzip-token"  # kvzip's default
+    assert kvpress_twin("snapkv@token") is None  # kvpress's SnapKV selects per head
+    assert kvpress_twin("kvzip+profile") == "kvpress:kvzip-profile"  # the profile's budgets, unquantized
+    assert kvpress_twin("kvzip-head") is None  # the profile alone: no kvpress press does that
 
     def row(policy: str, seed: int, score: float, keep: float = 0.5) -> dict:
         return {"setting": "query-agnostic", "policy": policy, "keep": keep, "task": "niah_single",
@@ -179,12 +181,12 @@ def test_paired_comparison_with_kvpress_counts_each_sample_once():
 
     ours = [1.0, 1.0, 0.0, 1.0]
     theirs = [1.0, 0.0, 0.0, 1.0]
-    rows = [row("kvzip-head", seed, value) for seed, value in enumerate(ours)]
+    rows = [row("kvzip@head", seed, value) for seed, value in enumerate(ours)]
     rows += [row("kvpress:kvzip-head", seed, value) for seed, value in enumerate(theirs)]
-    rows += [row("kvpress:kvzip-head", 9, 1.0), row("kvzip-head", 0, 1.0, keep=1.0)]  # unpaired, full cache: left out
+    rows += [row("kvpress:kvzip-head", 9, 1.0), row("kvzip@head", 0, 1.0, keep=1.0)]  # unpaired, full cache: left out
     (paired,) = paired_with_kvpress(rows)
     assert (paired["policy"], paired["kvpress"], paired["n"], paired["n_differ"]) == (
-        "kvzip-head", "kvpress:kvzip-head", 4, 1)
+        "kvzip@head", "kvpress:kvzip-head", 4, 1)
     assert paired["ours"] == 0.75 and paired["theirs"] == 0.5 and paired["difference"] == 0.25
     low, high = paired["ci95"]
     assert low == 0.0 and 0.25 < high <= 1.0  # P(no differing answer drawn) = 0.75 ** 4 > 2.5%

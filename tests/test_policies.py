@@ -128,9 +128,10 @@ def test_prefill_compresses_before_the_question_is_known(model_path, needle):
 def test_every_policy_has_a_default_granularity_it_can_select():
     """Without kv_granularity each policy gets its own: snapkv per head (as kvpress's SnapKVPress), kvzip per token
     (ahead of equal per-head budgets in docs/benchmarks/kvzip*), streaming per token (its scores are positional),
-    h2o per token (an eviction every step then reuses its holes instead of compacting)."""
+    h2o per token (an eviction every step then reuses its holes instead of compacting), kvzip-head per token (its
+    scores are positional; which heads keep the context is its tiers' doing)."""
     assert {name: validate_settings(name).granularity for name in POLICIES} == {
-        "snapkv": "head", "kvzip": "token", "streaming": "token", "h2o": "token"}
+        "snapkv": "head", "kvzip": "token", "streaming": "token", "h2o": "token", "kvzip-head": "token"}
     for policy in POLICIES.values():
         assert policy.default_granularity in GRANULARITIES
         assert policy.scores_per_head or policy.default_granularity == "token"
