@@ -33,7 +33,7 @@ in_halves() {
 "$kvgguf" bench memory
 "$kvgguf" bench accuracy --quick --compare kvpress
 in_halves docs/benchmarks/kvzip 10 --tasks niah_single,niah_multivalue,fact_qa --lengths 1024,2048 \
-    --keeps 1.0,0.5,0.2 --policies kvzip-head,kvzip-token,snapkv,streaming --settings query-agnostic
+    --keeps 1.0,0.5,0.2 --policies kvzip@head,kvzip@token,snapkv,streaming --settings query-agnostic
 in_halves docs/benchmarks/kvzip-compare 30 --tasks niah_single,niah_multivalue,fact_qa --lengths 1024 \
-    --keeps 1.0,0.5,0.3,0.1 --policies kvzip-head,kvzip-token --settings query-agnostic \
+    --keeps 1.0,0.5,0.3,0.1 --policies kvzip@head,kvzip@token --settings query-agnostic \
     --compare kvpress --kvpress-methods kvzip,kvzip-head,kvzip-token

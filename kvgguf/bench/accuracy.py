@@ -30,6 +30,7 @@ from .tasks import TASKS, Sample, generate, score
 
 
 SETTINGS = ("query-aware", "query-agnostic")
+HEAD_PROFILE = "auto"  # kvzip+profile and kvzip-head evict with the profile shipped for the model
 QUICK = dict(lengths=[1024], samples=2, keeps=[1.0, 0.5, 0.2])
 FULL = dict(lengths=[1024, 2048, 4096], samples=5, keeps=[1.0, 0.5, 0.3, 0.2, 0.1])
 
@@ -40,13 +41,25 @@ class PromptTokens:
     question: list[int]   # question + assistant header: decoded after the compression
 
 
+PROFILE_SUFFIX = "+profile"
+
+
 def policy_spec(name: str) -> tuple[str, str | None]:
-    """A policy name of the command line: ``kvzip`` (its default granularity) or ``kvzip-token`` /
-    ``kvzip-head``; returns (policy, granularity or None)."""
-    base, _, granularity = name.rpartition("-")
-    if name not in POLICIES and base in POLICIES and granularity in GRANULARITIES:
+    """A policy of the command line: ``kvzip`` (its default granularity), ``kvzip@token`` / ``kvzip@head``, and
+    ``kvzip+profile`` (with the model's head profile: a tiered cache); returns (policy, granularity or None)."""
+    base, at, granularity = name.partition("@")
+    base = base.removesuffix(PROFILE_SUFFIX)
+    if at and base in POLICIES and granularity in GRANULARITIES:
         return base, granularity
-    return name, None
+    return (base, None) if base in POLICIES else (name, None)
+
+
+def uses_profile(name: str) -> bool:
+    """Whether the command line's policy evicts with the model's head profile (``+profile``, or a policy that
+    needs one)."""
+    base = name.partition("@")[0]
+    policy = POLICIES.get(base.removesuffix(PROFILE_SUFFIX))
+    return base.endswith(PROFILE_SUFFIX) or (policy is not None and policy.head_profile_use == "required")
 
 
 def split_prompt(llm: Llama, formatter: Jinja2ChatFormatter, sample: Sample) -> PromptTokens:
@@ -122,9 +135,11 @@ def run(llm: Llama, jobs: list[tuple[Sample, PromptTokens]], keeps: list[float],
                 llm.configure_kv_eviction(None)
             else:
                 policy_name, granularity = policy_spec(policy)
-                llm.configure_kv_eviction(policy_name, kv_keep=keep, kv_granularity=granularity)
+                llm.configure_kv_eviction(policy_name, kv_keep=keep, kv_granularity=granularity,
+                                          kv_head_profile=HEAD_PROFILE if uses_profile(policy) else None)
             for setting in settings[:1] if policy == "full" else settings:
-                output = answer(llm, tokens, setting, max_tokens, prefix)
+                # the shared prefix is a plain cache's state: a tiered configuration prefills from the start
+                output = answer(llm, tokens, setting, max_tokens, None if uses_profile(policy) else prefix)
                 stats = llm.kv_stats()
                 progress.update()
                 for recorded in settings if policy == "full" else [setting]:
@@ -150,8 +165,11 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def kvpress_twin(policy: str) -> str | None:
     """kvpress's row with the same selection as our ``policy``, where the suite has one: KVzip's scores with our
     per-head or per-token selection (``kvpress:kvzip-head`` / ``-token``), its SnapKV (per head) and its
-    StreamingLLM. ``kvpress:kvzip`` (its global selection over all layers and heads) is no twin of ours."""
+    StreamingLLM. ``kvpress:kvzip`` (its global selection over all layers and heads) is no twin of ours, nor of
+    ``kvzip+profile`` (per-head budgets from the profile: ``kvpress:kvzip-profile`` is its unquantized twin)."""
     base, granularity = policy_spec(policy)
+    if uses_profile(policy):
+        return "kvpress:kvzip-profile" if base == "kvzip" else None
     if base == "kvzip":
         return f"kvpress:kvzip-{granularity or POLICIES[base].default_granularity}"
     if base in ("snapkv", "streaming") and granularity is None:
@@ -410,6 +428,9 @@ def check_arguments(tasks: list[str], policies: list[str], keeps: list[float], s
     for policy, keep in itertools.product(policies, keeps):
         policy_name, granularity = policy_spec(policy)
         validate_settings(policy_name, keep, kv_granularity=granularity)
+        if policy_name not in POLICIES or (PROFILE_SUFFIX in policy and POLICIES[policy_name].head_profile_use is None):
+            raise ValueError(f"unknown policy {policy!r}: a policy ({sorted(POLICIES)}), optionally with "
+                             f"{PROFILE_SUFFIX!r} (policies that use a head profile) and '@head' / '@token'")
 
 
 def _floats(text: str) -> list[float]:
@@ -432,8 +453,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="1K contexts, 2 samples, keep 1.0/0.5/0.2")
     parser.add_argument("--tasks", type=lambda t: t.split(","), default=sorted(TASKS))
     parser.add_argument("--policies", type=lambda t: t.split(","), default=["snapkv", "streaming", "kvzip"],
-                        help="policies, comma-separated; a '-token' or '-head' suffix sets the granularity "
-                        "(kvzip-token)")
+                        help="policies, comma-separated; '@token' or '@head' sets the granularity (kvzip@token), "
+                        "'+profile' evicts with the model's head profile in a tiered cache (kvzip+profile)")
     parser.add_argument("--settings", type=lambda t: t.split(","), default=list(SETTINGS))
     parser.add_argument("--lengths", type=_ints, help="context lengths in tokens, comma-separated")
     parser.add_argument("--keeps", type=_floats, help="kept ratios, comma-separated (1.0 = full cache)")
