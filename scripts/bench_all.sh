@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Regenerate every benchmark result committed under docs/benchmarks/ on the default model (about 4 hours on
+# Regenerate every benchmark result committed under docs/benchmarks/ on the default model (about 5.5 hours on
 # 2 cores; run it alone on the machine: `bench speed` times against an unpatched llama.cpp in the same run).
 # The Qwen long-context results (docs/benchmarks/long/) have their own command in docs/benchmarks/README.md.
 set -euo pipefail
@@ -37,3 +37,9 @@ in_halves docs/benchmarks/kvzip 10 --tasks niah_single,niah_multivalue,fact_qa -
 in_halves docs/benchmarks/kvzip-compare 30 --tasks niah_single,niah_multivalue,fact_qa --lengths 1024 \
     --keeps 1.0,0.5,0.3,0.1 --policies kvzip@head,kvzip@token --settings query-agnostic \
     --compare kvpress --kvpress-methods kvzip,kvzip-head,kvzip-token
+# unequal per-head budgets (the head profile in a tiered cache) beside kvpress's global KVzip, and what they cost
+in_halves docs/benchmarks/tiered 8 --tasks niah_single,fact_qa,prose_niah,prose_fact --lengths 1024 \
+    --keeps 1.0,0.5,0.3,0.2,0.1 --policies kvzip+profile,kvzip-head,kvzip@token,kvzip@head --settings query-agnostic \
+    --compare kvpress --kvpress-methods kvzip,kvzip-profile
+"$kvgguf" bench speed --lengths 2048,4096 --policies kvzip,kvzip+profile,kvzip-head --no-baseline \
+    -o docs/benchmarks/tiered

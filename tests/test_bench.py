@@ -3,6 +3,7 @@ layout is the one kvgguf.bench.schema describes, for fresh runs and for the resu
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -64,6 +65,36 @@ def test_bench_speed_writes_json_markdown_and_png(tmp_path, model_path):
     assert os.path.getsize(tmp_path / "speed.png") > 1000
     markdown = (tmp_path / "speed.md").read_text()
     assert "decode vs fresh" in markdown and "kvzip: prefill + reconstruction forward alone" in markdown
+
+
+def test_bench_speed_times_tiered_configurations_against_a_fresh_cache_of_equal_bytes(tmp_path, model_path):
+    """kvzip+profile and kvzip-head compress into a tiered cache: the row records the bytes held and allocated,
+    and a fresh plain cache holding as many bytes (``fresh=<config>``) is decoded beside it."""
+    code = main(["bench", "speed", "-m", model_path, "--lengths", "600", "--keep", "0.3", "--n-decode", "2",
+                 "--rounds", "1", "--prefill-rounds", "1", "--no-baseline", "--decode-eviction-cells", "300",
+                 "--policies", "kvzip+profile,kvzip-head", "-o", str(tmp_path)])
+    assert code == 0
+    results = json.loads((tmp_path / "speed.json").read_text())
+    schema.check("speed", results)
+    rows = {row["config"]: row for row in results["rows"]}
+    assert set(rows) == {"off", "kvzip+profile", "kvzip-head", "fresh", "fresh=kvzip+profile", "fresh=kvzip-head"}
+    bytes_per_cell = rows["off"]["kv_bytes"] / rows["off"]["cells"]
+    (entry,) = results["ratios"]
+    for policy in ("kvzip+profile", "kvzip-head"):
+        row = rows[policy]
+        assert len(row["tier_cells"]) >= 2  # a tiered cache
+        assert row["kv_bytes"] < 0.7 * rows["off"]["kv_bytes"]  # (its full heads hold every token)
+        # the fresh plain cache holds the tiers' bytes, in whole cells
+        equal = rows[f"fresh={policy}"]
+        assert equal["prompt_tokens"] == math.ceil(row["kv_bytes_compressed"] / bytes_per_cell)
+        assert row["kv_bytes"] == row["kv_bytes_compressed"] + 2 * bytes_per_cell  # 2 decoded tokens, every head
+        assert equal["cells"] == equal["prompt_tokens"] + 2
+        assert entry[policy]["kv_bytes_vs_full"] == pytest.approx(row["kv_bytes"] / rows["off"]["kv_bytes"])
+        assert entry[policy]["decode_vs_equal_bytes"] == pytest.approx(
+            row["decode_tok_s"] / equal["decode_tok_s"])
+    assert any("kvzip-head: compression <= 1.1x" in name for name in results["targets"])
+    assert any("fresh cache of equal bytes" in name for name in results["targets"])
+    assert "decode vs fresh of equal bytes" in (tmp_path / "speed.md").read_text()
 
 
 def test_policy_ratios_pair_each_round_with_off_of_the_same_round():

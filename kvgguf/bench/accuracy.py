@@ -24,13 +24,13 @@ from ..contexts import KVSnapshot
 from ..llama import Llama
 from ..models import resolve_model
 from ..policies import POLICIES
-from ..settings import DEFAULT_WINDOW, GRANULARITIES, validate_settings
+from ..settings import DEFAULT_WINDOW
 from . import report, schema
+from .specs import check_spec, eviction_arguments, policy_spec, uses_profile
 from .tasks import TASKS, Sample, generate, score
 
 
 SETTINGS = ("query-aware", "query-agnostic")
-HEAD_PROFILE = "auto"  # kvzip+profile and kvzip-head evict with the profile shipped for the model
 QUICK = dict(lengths=[1024], samples=2, keeps=[1.0, 0.5, 0.2])
 FULL = dict(lengths=[1024, 2048, 4096], samples=5, keeps=[1.0, 0.5, 0.3, 0.2, 0.1])
 
@@ -39,27 +39,6 @@ FULL = dict(lengths=[1024, 2048, 4096], samples=5, keeps=[1.0, 0.5, 0.3, 0.2, 0.
 class PromptTokens:
     context: list[int]    # chat template + context: what a query-agnostic policy compresses
     question: list[int]   # question + assistant header: decoded after the compression
-
-
-PROFILE_SUFFIX = "+profile"
-
-
-def policy_spec(name: str) -> tuple[str, str | None]:
-    """A policy of the command line: ``kvzip`` (its default granularity), ``kvzip@token`` / ``kvzip@head``, and
-    ``kvzip+profile`` (with the model's head profile: a tiered cache); returns (policy, granularity or None)."""
-    base, at, granularity = name.partition("@")
-    base = base.removesuffix(PROFILE_SUFFIX)
-    if at and base in POLICIES and granularity in GRANULARITIES:
-        return base, granularity
-    return (base, None) if base in POLICIES else (name, None)
-
-
-def uses_profile(name: str) -> bool:
-    """Whether the command line's policy evicts with the model's head profile (``+profile``, or a policy that
-    needs one)."""
-    base = name.partition("@")[0]
-    policy = POLICIES.get(base.removesuffix(PROFILE_SUFFIX))
-    return base.endswith(PROFILE_SUFFIX) or (policy is not None and policy.head_profile_use == "required")
 
 
 def split_prompt(llm: Llama, formatter: Jinja2ChatFormatter, sample: Sample) -> PromptTokens:
@@ -134,9 +113,7 @@ def run(llm: Llama, jobs: list[tuple[Sample, PromptTokens]], keeps: list[float],
             if policy == "full":
                 llm.configure_kv_eviction(None)
             else:
-                policy_name, granularity = policy_spec(policy)
-                llm.configure_kv_eviction(policy_name, kv_keep=keep, kv_granularity=granularity,
-                                          kv_head_profile=HEAD_PROFILE if uses_profile(policy) else None)
+                llm.configure_kv_eviction(kv_keep=keep, **eviction_arguments(policy))
             for setting in settings[:1] if policy == "full" else settings:
                 # the shared prefix is a plain cache's state: a tiered configuration prefills from the start
                 output = answer(llm, tokens, setting, max_tokens, None if uses_profile(policy) else prefix)
@@ -426,11 +403,7 @@ def check_arguments(tasks: list[str], policies: list[str], keeps: list[float], s
         if length < 64:
             raise ValueError(f"context length {length} is too short (at least 64 tokens)")
     for policy, keep in itertools.product(policies, keeps):
-        policy_name, granularity = policy_spec(policy)
-        validate_settings(policy_name, keep, kv_granularity=granularity)
-        if policy_name not in POLICIES or (PROFILE_SUFFIX in policy and POLICIES[policy_name].head_profile_use is None):
-            raise ValueError(f"unknown policy {policy!r}: a policy ({sorted(POLICIES)}), optionally with "
-                             f"{PROFILE_SUFFIX!r} (policies that use a head profile) and '@head' / '@token'")
+        check_spec(policy, keep)
 
 
 def _floats(text: str) -> list[float]:

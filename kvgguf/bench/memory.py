@@ -25,8 +25,8 @@ from typing import Any
 from tqdm import tqdm
 
 from ..models import resolve_model
-from ..settings import validate_settings
 from . import report
+from .specs import check_spec, eviction_arguments
 
 TASK = "niah_single"
 MAX_ANSWER_TOKENS = 32
@@ -52,7 +52,7 @@ def measure(model: str, tokens: dict[str, list[int]], sample: dict[str, Any], n_
     from .tasks import Sample, score
 
     rss_start = _peak_rss_bytes()
-    eviction = {"kv_eviction": policy, "kv_keep": keep} if policy else {}
+    eviction = {**eviction_arguments(policy), "kv_keep": keep} if policy else {}
     llm = Llama(model, n_ctx=n_ctx, n_batch=512, n_threads=threads, n_threads_batch=threads, verbose=False,
                 **eviction)
     rss_loaded = _peak_rss_bytes()
@@ -159,7 +159,7 @@ def plot(results: dict[str, Any], path: Path) -> Path:
 def main(args: argparse.Namespace) -> int:
     model = str(resolve_model(args.model))
     for policy in args.policies:
-        validate_settings(policy, args.keep)  # a bad name or ratio fails here, naming it, before any loading
+        check_spec(policy, args.keep)  # a bad name or ratio fails here, naming it, before any loading
     env = report.environment(args.threads)
     results = run(model, args.n_ctx, args.factor, args.policies, args.keep, args.seed, args.threads)
     results.update(model=Path(model).name, environment=env)
@@ -173,7 +173,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n-ctx", type=int, default=2048, help="cells of the evicting cache")
     parser.add_argument("--factor", type=int, default=4, help="prompt length as a multiple of n_ctx")
     parser.add_argument("--keep", type=float, default=0.5, help="kv_keep after the whole prompt is in")
-    parser.add_argument("--policies", type=lambda t: t.split(","), default=["snapkv", "streaming"])
+    parser.add_argument("--policies", type=lambda t: t.split(","), default=["snapkv", "streaming"],
+                        help="policies, comma-separated ('+profile': with the model's head profile, kvzip+profile)")
     parser.add_argument("--seed", type=int, default=0)
 
 
