@@ -23,7 +23,7 @@ from .chat import ChatTemplate
 from .contexts import CompressedContext, ContextSession, KVSnapshot, ModelIdentity, read_context_file
 from .controller import EvictionController
 from .engine import EvictionEngine, KVCacheView, kv_bytes_per_cell
-from .head_profile import resolve_profile
+from .head_profile import AUTO, resolve_profile
 from .models import check_gguf_file
 from .scoring import ScoringContext
 from .settings import DEFAULT_SINK, DEFAULT_WINDOW, EvictionSettings, validate_settings
@@ -80,8 +80,8 @@ class Llama(llama_cpp.Llama):
             "token" (one decision per token); default: the policy's (snapkv head, kvzip token).
         kv_evict_every: (policies that observe decoding) bring the cache back to the budget every this many
             decoded tokens.
-        kv_head_profile: the model's head profile: a path, "auto" (the one shipped for this model) or None; with one,
-            kvzip gives each KV head its profiled budget in a tiered cache ("kvzip-head" needs one).
+        kv_head_profile: "auto" (the profile shipped for this model file, if any), a path, or None (off); with
+            one, kvzip gives each KV head its profiled budget in a tiered cache ("kvzip-head" needs one).
 
     With a policy, prompts longer than ``n_ctx`` are prefilled in chunks with eviction between chunks, and
     generation that fills the cache evicts again instead of failing; positions may run up to
@@ -91,7 +91,7 @@ class Llama(llama_cpp.Llama):
     def __init__(self, model_path: str, *args: Any, kv_eviction: str | None = None, kv_keep: float | None = None,
                  kv_budget: int | None = None, kv_window: int = DEFAULT_WINDOW, kv_sink: int = DEFAULT_SINK,
                  kv_granularity: str | None = None, kv_evict_every: int | None = None,
-                 kv_head_profile: str | os.PathLike[str] | None = None, **kwargs: Any) -> None:
+                 kv_head_profile: str | os.PathLike[str] | None = AUTO, **kwargs: Any) -> None:
         settings = validate_settings(kv_eviction, kv_keep, kv_budget, kv_window, kv_sink, kv_granularity,
                                      kv_evict_every)
         check_gguf_file(model_path)
@@ -129,7 +129,7 @@ class Llama(llama_cpp.Llama):
                               kv_budget: int | None = None, kv_window: int = DEFAULT_WINDOW,
                               kv_sink: int = DEFAULT_SINK, kv_granularity: str | None = None,
                               kv_evict_every: int | None = None,
-                              kv_head_profile: str | os.PathLike[str] | None = None) -> None:
+                              kv_head_profile: str | os.PathLike[str] | None = AUTO) -> None:
         """Change the eviction settings of a loaded model; on ValueError the old settings stay in force."""
         settings = validate_settings(kv_eviction, kv_keep, kv_budget, kv_window, kv_sink, kv_granularity,
                                      kv_evict_every)

@@ -55,7 +55,7 @@ def measure(model: str, n_contexts: int = DEFAULT_CONTEXTS, context_tokens: int 
 
     n_ctx = 2 * context_tokens + 1024  # the context plus KVzip's reconstruction room
     llm = Llama(model, n_ctx=n_ctx, n_batch=512, n_threads=n_threads, verbose=False, kv_eviction="kvzip",
-                kv_keep=0.5, kv_window=DEFAULT_WINDOW)
+                kv_keep=0.5, kv_window=DEFAULT_WINDOW, kv_head_profile=None)  # scores of the plain cache
     try:
         count = lambda text: len(llm.tokenize(text.encode(), add_bos=False, special=False))  # noqa: E731
         documents = prose.documents(prose.CALIBRATION_MODULES, context_tokens, count)

@@ -29,7 +29,8 @@ def raw_model(model_path: str):
 
 @pytest.fixture(scope="module")
 def llm_4k(model_path: str):
-    """A kvgguf.Llama with 4096 cells, one per test module (the modules configure it differently)."""
-    model = kvgguf.Llama(model_path, n_ctx=4096, n_batch=512, n_threads=2, verbose=False)
+    """A kvgguf.Llama with 4096 cells, one per test module (the modules configure it differently); without the
+    shipped head profile, so that KVzip evicts in the plain cache (tests/test_tiered_llama.py: with it)."""
+    model = kvgguf.Llama(model_path, n_ctx=4096, n_batch=512, n_threads=2, verbose=False, kv_head_profile=None)
     yield model
     model.close()

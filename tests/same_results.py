@@ -30,6 +30,7 @@ RESULTS_FILE = Path(__file__).with_name("data") / "same_results.json"
 FACTS = ("The special magic number for Lisbon is 7315.", "Mira's favourite fruit is the mango.",
          "The blue car belongs to Doctor Okafor.")
 GREEDY = dict(temperature=0.0, top_k=1, repeat_penalty=1.0)
+PLAIN = dict(kv_head_profile=None)  # the digests were recorded with the plain cache (before the shipped profile)
 
 
 def digest(value: Any) -> Any:
@@ -74,7 +75,7 @@ def prefill_case(model: str, policy: str, granularity: str | None, n_ctx: int, n
     """A chat-formatted context prefilled with eviction (chunked when longer than n_ctx), then 16 greedy tokens
     of the answer to a question that the eviction never saw."""
     llm = Llama(model, n_ctx=n_ctx, n_batch=512, n_threads=2, verbose=False, kv_eviction=policy, kv_keep=keep,
-                kv_granularity=granularity)
+                kv_granularity=granularity, **PLAIN)
     try:
         context, question = split_chat_prompt(llm, document(n_sentences, seed=5),
                                               "What is the special magic number for Lisbon?")
@@ -96,7 +97,8 @@ def prefill_case(model: str, policy: str, granularity: str | None, n_ctx: int, n
 def completion_case(model: str, policy: str, n_ctx: int, n_sentences: int, max_tokens: int) -> dict[str, Any]:
     """create_completion with eviction after the prompt, and generation (end of text suppressed) that fills the
     cache again, so that decode-time evictions follow."""
-    llm = Llama(model, n_ctx=n_ctx, n_batch=512, n_threads=2, verbose=False, kv_eviction=policy, kv_keep=0.3)
+    llm = Llama(model, n_ctx=n_ctx, n_batch=512, n_threads=2, verbose=False, kv_eviction=policy, kv_keep=0.3,
+                **PLAIN)
     try:
         text = document(n_sentences, seed=9) + "\n\nRetell the story above in many words, sentence by sentence."
         prompt = llm.chat_formatter()(messages=[{"role": "user", "content": text}]).prompt
@@ -109,7 +111,7 @@ def completion_case(model: str, policy: str, n_ctx: int, n_sentences: int, max_t
 def context_case(model: str, n_ctx: int, n_sentences: int, granularity: str) -> dict[str, Any]:
     """compress() of a document (piece by piece when longer than n_ctx), saved to a file and read back, and one
     greedy answer from it."""
-    llm = Llama(model, n_ctx=n_ctx, n_batch=512, n_threads=2, verbose=False)
+    llm = Llama(model, n_ctx=n_ctx, n_batch=512, n_threads=2, verbose=False, **PLAIN)
     try:
         compressed = llm.compress(document(n_sentences, seed=3), keep=0.2, granularity=granularity,
                                   system="Answer briefly.")

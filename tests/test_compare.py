@@ -34,7 +34,8 @@ SPEARMAN_MEDIAN_BOUND = 0.9
 
 @pytest.fixture(scope="module")
 def llm(model_path: str):
-    model = Llama(model_path, n_ctx=1024, n_batch=512, n_threads=2, n_threads_batch=2, verbose=False)
+    model = Llama(model_path, n_ctx=1024, n_batch=512, n_threads=2, n_threads_batch=2, verbose=False,
+                  kv_head_profile=None)  # kvpress's KVzipPress twin: the plain cache
     yield model
     model.close()
 

@@ -209,7 +209,7 @@ CHUNKED_AT_LEAST = 5
 
 def test_a_context_three_times_n_ctx_ends_up_compressed_in_the_cache(model_path):
     """Chunked prefill: KVzip scores each piece by reconstructing it and evicts before the next one."""
-    llm = Llama(model_path, n_ctx=1024, n_batch=512, n_threads=2, verbose=False)
+    llm = Llama(model_path, n_ctx=1024, n_batch=512, n_threads=2, verbose=False, kv_head_profile=None)
     right = []
     try:
         for seed in CHUNKED_SEEDS:

@@ -27,7 +27,7 @@ CONTEXT_TOKENS = 384
 def calibration(model_path):
     """KVzip scores of four calibration contexts, and the model's identity."""
     llm = kvgguf.Llama(model_path, n_ctx=2048, n_batch=512, n_threads=2, verbose=False, kv_eviction="kvzip",
-                       kv_keep=0.5)
+                       kv_keep=0.5, kv_head_profile=None)
     count = lambda text: len(llm.tokenize(text.encode(), add_bos=False, special=False))  # noqa: E731
     documents = prose.documents(prose.CALIBRATION_MODULES, CONTEXT_TOKENS, count)[:4]
     scores = [context_scores(llm, document) for document in documents]

@@ -58,7 +58,7 @@ def answers(llm, samples):
         if (policy, granularity) not in done:
             runs = []
             for sample, tokens in samples:
-                llm.configure_kv_eviction(policy, kv_keep=KEEP, kv_granularity=granularity)
+                llm.configure_kv_eviction(policy, kv_keep=KEEP, kv_granularity=granularity, kv_head_profile=None)
                 output = accuracy.answer(llm, tokens, "query-agnostic", max_tokens=32)   # compress, then ask
                 runs.append(Answered(sample, tokens, output, llm.kv_stats(), llm.kv_positions().copy(),
                                      llm.kv_scores(), llm.n_tokens))
@@ -126,7 +126,7 @@ def test_a_prompt_continued_after_a_snapshot_is_compressed_as_one_prefill(llm, s
     one_prefill = answers("kvzip", "token")[0]
     head = template_head(llm)
     prefix = accuracy.shared_prefix(llm, tokens, window=32)  # eviction off, snapshot after all but 32 tokens
-    llm.configure_kv_eviction("kvzip", kv_keep=KEEP, kv_granularity="token")
+    llm.configure_kv_eviction("kvzip", kv_keep=KEEP, kv_granularity="token", kv_head_profile=None)
     output = accuracy.answer(llm, tokens, "query-agnostic", max_tokens=32, prefix=prefix)
     n_context = len(tokens.context)
     assert llm.kv_stats()["cells_after"] == dataclasses.replace(llm.kv_settings, sink=len(head)).target_cells(
@@ -147,7 +147,7 @@ def test_reconstruction_in_smaller_batches_scores_the_same(llm, samples, answers
 
     _, tokens = samples[0]
     small = answers("kvzip", "token")[0]
-    llm.configure_kv_eviction("kvzip", kv_keep=KEEP, kv_granularity="token")
+    llm.configure_kv_eviction("kvzip", kv_keep=KEEP, kv_granularity="token", kv_head_profile=None)
     controller = llm.kv_controller
     assert controller.policy.reconstruction_batch(controller.scoring) == kvzip.BATCH_CPU < llm.n_batch
     monkeypatch.setattr(kvzip, "BATCH_CPU", llm.n_batch)

@@ -173,7 +173,8 @@ def test_call_with_logprobs_past_n_ctx(model_path):
 def test_reset_then_eval_decodes_over_a_compressed_cache_like_a_plain_model(model_path, policy, n_tokens):
     """llama-cpp-python's low-level flow, reset() then eval(), on the cache a compression left: the stale cells go
     (as the parent's eval drops them), nothing is evicted, and the logits are a plain model's."""
-    llm = Llama(model_path, n_ctx=1024, n_threads=2, verbose=False, kv_eviction=policy, kv_keep=0.25)
+    llm = Llama(model_path, n_ctx=1024, n_threads=2, verbose=False, kv_eviction=policy, kv_keep=0.25,
+                kv_head_profile=None)
     plain = Llama(model_path, n_ctx=1024, n_threads=2, verbose=False)
     try:
         tokens = llm.tokenize(haystack(80, seed=7).encode())[:n_tokens]

@@ -52,7 +52,7 @@ def plain_kv_bytes(llm) -> int:
 
 def test_kvzip_with_the_profile_plans_tiers_from_it(llm, model_path):
     plain = plain_kv_bytes(llm)
-    llm.configure_kv_eviction("kvzip", kv_keep=KEEP, kv_head_profile="auto")
+    llm.configure_kv_eviction("kvzip", kv_keep=KEEP)  # the default, "auto": the profile shipped for this model
     stats = llm.kv_stats()
     plan = llm.kv_controller.tier_plan
     assert plan is not None and 2 <= plan.layout.n_tiers <= 4
@@ -62,7 +62,7 @@ def test_kvzip_with_the_profile_plans_tiers_from_it(llm, model_path):
     top = np.unravel_index(np.argmax(profile.budgets(KEEP, N_CTX)), profile.shares.shape[1:])
     assert plan.layout.tier_of_head[top] == 0
     assert stats["kv_bytes_allocated"] < 0.6 * plain
-    llm.configure_kv_eviction("kvzip", kv_keep=KEEP)  # no profile: the plain cache again
+    llm.configure_kv_eviction("kvzip", kv_keep=KEEP, kv_head_profile=None)  # no profile: the plain cache again
     assert llm.kv_controller.tier_plan is None and llm.kv_stats()["kv_bytes_allocated"] == plain
 
 
@@ -130,7 +130,7 @@ def test_snapshot_of_a_tiered_cache_restores_its_per_head_tokens(llm, samples):
 def test_profile_settings_are_checked_at_the_edge(llm, model_path, tmp_path):
     llm.configure_kv_eviction("kvzip", kv_keep=KEEP, kv_head_profile="auto")
     with pytest.raises(ValueError, match="kvzip-head.*needs a head profile"):
-        llm.configure_kv_eviction("kvzip-head", kv_keep=0.5)
+        llm.configure_kv_eviction("kvzip-head", kv_keep=0.5, kv_head_profile=None)
     with pytest.raises(ValueError, match="kv_head_profile='nowhere.gguf' is not a file"):
         llm.configure_kv_eviction("kvzip", kv_head_profile="nowhere.gguf")
     profile = shipped_profile(model_path)

@@ -472,7 +472,8 @@ def kvpress_scores(model: Any, tokens: list[int], method: str, window: int = 32)
 def _our_scores(model_path: str, tokens: list[int], method: str, window: int, threads: int) -> np.ndarray:
     """kvgguf's scores of the eviction after prefilling ``tokens``: [n_layer, n_head_kv, n_tokens]."""
     llm = Llama(model_path, n_ctx=report.cells_for([method], len(tokens) + 64), n_batch=512, n_threads=threads,
-                n_threads_batch=threads, verbose=False, kv_eviction=method, kv_keep=0.5, kv_window=window)
+                n_threads_batch=threads, verbose=False, kv_eviction=method, kv_keep=0.5, kv_window=window,
+                kv_head_profile=None)
     try:
         llm.prefill(tokens)
         result = llm.kv_scores()
