@@ -126,7 +126,7 @@ def test_worker_runs_the_patched_library_like_the_baseline(model_path):
         assert runner.prefill(list(range(100, 140))) > 0
         latencies = runner.decode([200, 201, 202])
         assert len(latencies) == 3 and all(latency > 0 for latency in latencies)
-        assert runner.state() == {"cells": 43, "attended": None}
+        assert runner.state() == {"cells": 43, "attended": None, "kv_bytes": None, "kv_bytes_allocated": None}
     finally:
         runner.close()
 
