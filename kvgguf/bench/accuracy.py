@@ -271,7 +271,7 @@ def main(args: argparse.Namespace) -> int:
     keeps = args.keeps or profile["keeps"]
     samples = args.samples or profile["samples"]
     check_arguments(args.tasks, args.policies, keeps, args.settings, lengths)
-    llm = Llama(model, n_ctx=report.cells_for([policy_spec(p)[0] for p in args.policies], max(lengths) + 256),
+    llm = Llama(model, n_ctx=report.cells_for(args.policies, max(lengths) + 256),
                 n_batch=512, n_threads=args.threads,
                 n_threads_batch=args.threads, verbose=False)
     jobs = prepare(llm, args.tasks, lengths, samples, args.first_seed)

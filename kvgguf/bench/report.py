@@ -25,10 +25,12 @@ RECONSTRUCTION_CELLS = 1024
 
 
 def cells_for(policies: list[str], n_cells: int) -> int:
-    """n_ctx for ``n_cells`` of prompt and generation, plus KVzip's reconstruction room when a policy needs it."""
+    """n_ctx for ``n_cells`` of prompt and generation, plus KVzip's reconstruction room when a configuration
+    (``kvzip``, ``kvzip+profile``, ...: kvgguf.bench.specs) needs it."""
     from ..policies import POLICIES
+    from .specs import policy_spec
 
-    reconstructs = any(POLICIES[policy].decodes_to_score for policy in policies if policy in POLICIES)
+    reconstructs = any(POLICIES[policy_spec(p)[0]].decodes_to_score for p in policies if policy_spec(p)[0] in POLICIES)
     return n_cells + (RECONSTRUCTION_CELLS if reconstructs else 0)
 
 

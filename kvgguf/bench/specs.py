@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..policies import POLICIES
+from ..policies import POLICIES, Policy
 from ..settings import GRANULARITIES, validate_settings
 
 HEAD_PROFILE = "auto"  # a configuration with a profile evicts with the one shipped for the model
@@ -20,6 +20,11 @@ def policy_spec(name: str) -> tuple[str, str | None]:
     if at and base in POLICIES and granularity in GRANULARITIES:
         return base, granularity
     return (base, None) if base in POLICIES else (name, None)
+
+
+def policy_of(name: str) -> type[Policy]:
+    """The policy class the configuration ``name`` runs (``name`` checked by ``check_spec``)."""
+    return POLICIES[policy_spec(name)[0]]
 
 
 def uses_profile(name: str) -> bool:

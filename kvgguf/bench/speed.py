@@ -49,10 +49,9 @@ from tqdm import tqdm
 from .._native import LIB_DIR
 from ..llama import Llama
 from ..models import resolve_model
-from ..policies import POLICIES
 from ..text import haystack
 from . import report
-from .specs import check_spec, eviction_arguments, policy_spec, uses_profile
+from .specs import check_spec, eviction_arguments, policy_of, uses_profile
 
 logger = logging.getLogger(__name__)
 
@@ -187,11 +186,11 @@ def measure_length(model: str, length: int, keep: float, policies: list[str], ro
     budget = max(1, int(round(keep * length)))
     n_ctx = length + n_decode * rounds + 256
     runners: dict[str, LocalRunner | BaselineRunner] = {"off": LocalRunner(model, n_ctx, threads)}
-    reconstructing = [p for p in policies if POLICIES[policy_spec(p)[0]].decodes_to_score]
+    reconstructing = [p for p in policies if policy_of(p).decodes_to_score]
     # in each round a reconstruction policy prefills right after off (its cost target is the ratio of the two)
     for policy in reconstructing + [p for p in policies if p not in reconstructing]:
         size = dict(kv_keep=keep) if uses_profile(policy) else dict(kv_budget=budget)
-        runners[policy] = LocalRunner(model, report.cells_for([policy_spec(policy)[0]], n_ctx), threads,
+        runners[policy] = LocalRunner(model, report.cells_for([policy], n_ctx), threads,
                                       **eviction_arguments(policy), **size)
     if baseline_lib is not None:
         runners["baseline"] = BaselineRunner(baseline_lib, model, n_ctx, threads)
@@ -378,14 +377,13 @@ def targets(summary: list[dict[str, Any]], removal: dict[str, Any], policies: li
             # a tiered cache holds fewer bytes than cells x a plain cell: it must decode as fast as those bytes
             met[f"{p}: compressed decode >= {MIN_DECODE_VS_FRESH} x a fresh cache of equal bytes at "
                 f"{longest['length']}"] = longest[p]["decode_vs_equal_bytes"] >= MIN_DECODE_VS_FRESH
-        if uses_profile(p) and not POLICIES[policy_spec(p)[0]].decodes_to_score:
-            # compression by the head profile alone: about a plain prefill
-            met[f"{p}: compression <= {PROFILE_ONLY_MAX_PREFILL_RATIO}x plain prefill at every length"] = all(
-                entry[p]["prefill_ratio"] <= PROFILE_ONLY_MAX_PREFILL_RATIO for entry in summary)
-        elif POLICIES[policy_spec(p)[0]].decodes_to_score:
-            # the reconstruction forward is the method; the tap must add little to it
-            met[f"{p}: compression <= {KVZIP_MAX_PREFILL_RATIO}x plain prefill at every length"] = all(
-                entry[p]["prefill_ratio"] <= KVZIP_MAX_PREFILL_RATIO for entry in summary)
+        # the most a compression may cost against a plain prefill: a reconstruction (the tap must add little
+        # to it), or the head profile alone (about a prefill); else the scoring's share of the prefill
+        max_ratio = KVZIP_MAX_PREFILL_RATIO if policy_of(p).decodes_to_score else (
+            PROFILE_ONLY_MAX_PREFILL_RATIO if uses_profile(p) else None)
+        if max_ratio is not None:
+            met[f"{p}: compression <= {max_ratio}x plain prefill at every length"] = all(
+                entry[p]["prefill_ratio"] <= max_ratio for entry in summary)
         else:
             met[f"{p}: scoring + eviction <= 3% of prefill at {longest['length']}"] = (
                 longest[p]["eviction_share_of_prefill"] <= 0.03)
