@@ -1,8 +1,9 @@
 """The tiered KV cache (patches 0011-0012) on the real model: the KV heads of each layer in tiers of different
 lengths, each tier evicted and compacted on its own.
 
-A layer whose heads share one tier runs llama.cpp's own attention on that tier; a split layer permutes its heads
-tier by tier, attends once per tier and permutes the outputs back. Per-head attention does not depend on which
+A layer whose heads share one tier runs llama.cpp's own attention on that tier; a split layer attends once per
+tier, on views of its heads where each tier holds a run of consecutive heads, else permuting the heads tier by
+tier and the outputs back (the layouts here have both kinds of split layer). Per-head attention does not depend on which
 other heads run beside it, so nothing here has a tolerance: a tiered cache holding what a plain cache holds gives
 the same logits, bit for bit (measured on AVX512 and AVX2 builds, flash attention on and off).
 """
@@ -32,15 +33,25 @@ def prompt(raw_model) -> list[int]:
 
 
 def split_layout(raw_model, n_cells: tuple[int, ...], seed: int = 0) -> KVTierLayout:
-    """Every tier used, the first and last layers whole in one tier, layer 1 spread over all tiers, the rest at
-    random."""
+    """Every tier used, the first and last layers whole in one tier, layer 1 spread over all tiers, layer 2 with
+    its middle head apart, the rest at random."""
     rng = np.random.default_rng(seed)
     n_tiers = len(n_cells)
     tiers = rng.integers(0, n_tiers, size=(raw_model.n_layer, raw_model.n_head_kv))
     tiers[0] = 0
     tiers[-1] = n_tiers - 1
     tiers[1] = np.arange(raw_model.n_head_kv) % n_tiers
+    if n_tiers > 1:
+        tiers[2] = 0
+        tiers[2, 1] = 1  # heads 0 and 2 in one tier, head 1 in another: the graph permutes this layer's heads
+        split = [row for row in tiers if len(set(row)) > 1]
+        assert any(in_runs(row) for row in split) and not all(in_runs(row) for row in split)
     return KVTierLayout(n_cells, tiers)
+
+
+def in_runs(row: np.ndarray) -> bool:
+    """Whether each tier of a layer holds consecutive KV heads (the graph takes views instead of permuting)."""
+    return 1 + int(np.count_nonzero(row[1:] != row[:-1])) == len(set(row.tolist()))
 
 
 def random_lists(raw_model, n_keep: int, rng: np.random.Generator, n: int = N_PROMPT) -> np.ndarray:
