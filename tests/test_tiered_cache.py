@@ -10,6 +10,7 @@ the same logits, bit for bit (measured on AVX512 and AVX2 builds, flash attentio
 from __future__ import annotations
 
 import ctypes
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -18,7 +19,7 @@ from kvgguf._native import AttnTapParams, NativeError, libllama
 from kvgguf.tap import AttentionTap
 from kvgguf.text import haystack
 from kvgguf.tiers import KVTierLayout
-from kvtest import C, RawContext
+from kvtest import C, RawContext, _libggml_base
 
 N_PROMPT = 400
 N_CTX = 1024
@@ -86,6 +87,54 @@ def test_tiers_without_eviction_equal_the_plain_cache(raw_model, prompt, flash_a
     finally:
         plain.close()
         tiered.close()
+
+
+_libggml_base.ggml_op_desc.argtypes = [ctypes.c_void_p]
+_libggml_base.ggml_op_desc.restype = ctypes.c_char_p
+VIEW_OPS = {"NONE", "VIEW", "RESHAPE", "PERMUTE", "TRANSPOSE"}
+
+
+def decode_step_ops(raw_model, prompt, flash_attn: bool, layout: KVTierLayout | None) -> Counter:
+    """The compute ops (views left out) of the graph of one single-token decode step after the prompt."""
+    ops: Counter = Counter()
+    counting = [False]
+
+    def count(tensor, ask, user_data) -> bool:
+        if ask and counting[0]:
+            op = _libggml_base.ggml_op_desc(tensor).decode()
+            if op not in VIEW_OPS:
+                ops[op] += 1
+        return False
+
+    ctx = RawContext(raw_model, n_ctx=N_CTX, flash_attn=flash_attn, n_batch=N_BATCH, cb_eval=count)
+    try:
+        if layout is not None:
+            ctx.set_tiers(layout)
+        ctx.decode(prompt)
+        counting[0] = True
+        ctx.decode(prompt[:1], positions=[len(prompt)])
+    finally:
+        ctx.close()
+    return ops
+
+
+@pytest.mark.parametrize("flash_attn", [False, True], ids=["fa-off", "fa-on"])
+def test_a_split_layer_costs_one_attention_per_tier(raw_model, prompt, flash_attn):
+    """On the CPU every graph node ends with a barrier of the threads, a large share of a small model's decode
+    step, so the split layers' nodes are counted: with each tier holding consecutive heads, a layer split in two
+    tiers adds exactly one attention (its two stores, and KQ, softmax, KQV or one flash attention) and one concat
+    to a decode step; heads 0 and 2 apart from head 1 add the four head permutations (q, k, v and back)."""
+    n_layer = raw_model.n_layer
+    runs = KVTierLayout((N_CTX, 512), np.tile(np.array([0, 0, 1], dtype=np.int32), (n_layer, 1)))
+    apart = KVTierLayout((N_CTX, 512), np.tile(np.array([0, 1, 0], dtype=np.int32), (n_layer, 1)))
+    plain = decode_step_ops(raw_model, prompt, flash_attn, None)
+    attention = {"FLASH_ATTN_EXT": 1} if flash_attn else {"MUL_MAT": 2, "SOFT_MAX": 1}
+    per_layer = Counter({"SET_ROWS": 2, "CONCAT": 1, **attention})
+    expected = plain + Counter({op: n * n_layer for op, n in per_layer.items()})
+    assert decode_step_ops(raw_model, prompt, flash_attn, runs) == expected
+    assert decode_step_ops(raw_model, prompt, flash_attn, apart) == expected + Counter({"GET_ROWS": 4 * n_layer})
+    if not flash_attn:
+        assert plain["CONT"] == 0  # patch 0014: a one-token attention output is reshaped, not copied
 
 
 @pytest.mark.parametrize("flash_attn", [False, True], ids=["fa-off", "fa-on"])
