@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Regenerate every benchmark result committed under docs/benchmarks/ on the default model (about 5.5 hours on
+# Regenerate every benchmark result committed under docs/benchmarks/ on the default model (about 6.5 hours on
 # 2 cores; run it alone on the machine: `bench speed` times against an unpatched llama.cpp in the same run).
 # The Qwen long-context results (docs/benchmarks/long/) have their own command in docs/benchmarks/README.md.
 set -euo pipefail
@@ -43,3 +43,7 @@ in_halves docs/benchmarks/tiered 8 --tasks niah_single,fact_qa,prose_niah,prose_
     --compare kvpress --kvpress-methods kvzip,kvzip-profile
 "$kvgguf" bench speed --lengths 2048,4096 --policies kvzip,kvzip+profile,kvzip-head --no-baseline \
     -o docs/benchmarks/tiered
+# how many tiers: kvpress's KVzip with the profile's budgets unquantized and grouped into 2-4 tiers
+in_halves docs/benchmarks/tier-count 8 --tasks niah_single,fact_qa,prose_niah,prose_fact --lengths 1024 \
+    --keeps 1.0,0.3,0.2,0.1 --policies kvzip+profile --settings query-agnostic \
+    --compare kvpress --kvpress-methods kvzip-profile,kvzip-tiers2,kvzip-tiers3,kvzip-tiers4
