@@ -43,6 +43,7 @@ in_halves docs/benchmarks/tiered 8 --tasks niah_single,fact_qa,prose_niah,prose_
     --compare kvpress --kvpress-methods kvzip,kvzip-profile
 "$kvgguf" bench speed --lengths 2048,4096 --policies kvzip,kvzip+profile,kvzip-head --no-baseline \
     -o docs/benchmarks/tiered
+"$kvgguf" bench memory --policies kvzip,kvzip+profile,kvzip-head -o docs/benchmarks/tiered
 # how many tiers: kvpress's KVzip with the profile's budgets unquantized and grouped into 2-4 tiers
 in_halves docs/benchmarks/tier-count 8 --tasks niah_single,fact_qa,prose_niah,prose_fact --lengths 1024 \
     --keeps 1.0,0.3,0.2,0.1 --policies kvzip+profile --settings query-agnostic \
