@@ -188,6 +188,8 @@ _libggml_base.ggml_nbytes.argtypes = [ctypes.c_void_p]
 _libggml_base.ggml_nbytes.restype = ctypes.c_size_t
 _libggml_base.ggml_backend_tensor_get.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t]
 _libggml_base.ggml_backend_tensor_get.restype = None
+_libggml_base.ggml_op_desc.argtypes = [ctypes.c_void_p]
+_libggml_base.ggml_op_desc.restype = ctypes.c_char_p
 
 
 class SoftMaxCapture:

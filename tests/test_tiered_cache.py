@@ -3,9 +3,9 @@ lengths, each tier evicted and compacted on its own.
 
 A layer whose heads share one tier runs llama.cpp's own attention on that tier; a split layer attends once per
 tier, on views of its heads where each tier holds a run of consecutive heads, else permuting the heads tier by
-tier and the outputs back (the layouts here have both kinds of split layer). Per-head attention does not depend on which
-other heads run beside it, so nothing here has a tolerance: a tiered cache holding what a plain cache holds gives
-the same logits, bit for bit (measured on AVX512 and AVX2 builds, flash attention on and off).
+tier and the outputs back (the layouts here have both kinds of split layer). Per-head attention does not depend
+on which other heads run beside it, so nothing here has a tolerance: a tiered cache holding what a plain cache
+holds gives the same logits, bit for bit (measured on AVX512 and AVX2 builds, flash attention on and off).
 """
 from __future__ import annotations
 
@@ -89,8 +89,6 @@ def test_tiers_without_eviction_equal_the_plain_cache(raw_model, prompt, flash_a
         tiered.close()
 
 
-_libggml_base.ggml_op_desc.argtypes = [ctypes.c_void_p]
-_libggml_base.ggml_op_desc.restype = ctypes.c_char_p
 VIEW_OPS = {"NONE", "VIEW", "RESHAPE", "PERMUTE", "TRANSPOSE"}
 
 
