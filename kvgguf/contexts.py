@@ -18,7 +18,7 @@ import json
 import os
 import struct
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -308,6 +308,8 @@ class ContextSession:
         window = base.window if base is not None else DEFAULT_WINDOW
         sink = max(base.sink if base is not None else DEFAULT_SINK, n_protected)
         settings = validate_settings(name, keep, budget, window, sink, granularity)
+        if same_policy:
+            settings = replace(settings, tiers=base.tiers)
         try:
             with controller.using(settings, head=n_protected) as active:
                 llm.prefill(tokens)

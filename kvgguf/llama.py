@@ -82,6 +82,9 @@ class Llama(llama_cpp.Llama):
             decoded tokens.
         kv_head_profile: "auto" (the profile shipped for this model file, if any), a path, or None (off); with
             one, kvzip gives each KV head its profiled budget in a tiered cache ("kvzip-head" needs one).
+        kv_tiers: (kvzip with a head profile) how many tiers the per-head budgets are grouped into, 1-8 (default
+            3): each layer whose heads fall in more than one tier attends once per tier, so fewer tiers decode
+            faster and follow the profile less closely.
 
     With a policy, prompts longer than ``n_ctx`` are prefilled in chunks with eviction between chunks, and
     generation that fills the cache evicts again instead of failing; positions may run up to
@@ -91,9 +94,10 @@ class Llama(llama_cpp.Llama):
     def __init__(self, model_path: str, *args: Any, kv_eviction: str | None = None, kv_keep: float | None = None,
                  kv_budget: int | None = None, kv_window: int = DEFAULT_WINDOW, kv_sink: int = DEFAULT_SINK,
                  kv_granularity: str | None = None, kv_evict_every: int | None = None,
-                 kv_head_profile: str | os.PathLike[str] | None = AUTO, **kwargs: Any) -> None:
+                 kv_head_profile: str | os.PathLike[str] | None = AUTO, kv_tiers: int | None = None,
+                 **kwargs: Any) -> None:
         settings = validate_settings(kv_eviction, kv_keep, kv_budget, kv_window, kv_sink, kv_granularity,
-                                     kv_evict_every)
+                                     kv_evict_every, kv_tiers)
         check_gguf_file(model_path)
         if kwargs.get("vocab_only"):
             # llama-cpp-python still creates a context, which llama.cpp aborts on for a weightless model
@@ -129,10 +133,11 @@ class Llama(llama_cpp.Llama):
                               kv_budget: int | None = None, kv_window: int = DEFAULT_WINDOW,
                               kv_sink: int = DEFAULT_SINK, kv_granularity: str | None = None,
                               kv_evict_every: int | None = None,
-                              kv_head_profile: str | os.PathLike[str] | None = AUTO) -> None:
+                              kv_head_profile: str | os.PathLike[str] | None = AUTO,
+                              kv_tiers: int | None = None) -> None:
         """Change the eviction settings of a loaded model; on ValueError the old settings stay in force."""
         settings = validate_settings(kv_eviction, kv_keep, kv_budget, kv_window, kv_sink, kv_granularity,
-                                     kv_evict_every)
+                                     kv_evict_every, kv_tiers)
         profile = resolve_profile(kv_head_profile, self.model_path, self.model_identity())
         self.kv_controller.configure(settings, head_profile=profile)
         self.reset()  # whatever the cache holds was made under other settings

@@ -11,6 +11,11 @@ DEFAULT_KEEP = 0.5
 DEFAULT_WINDOW = 32
 DEFAULT_SINK = 4
 GRANULARITIES = ("token", "head")
+# Tiers a head profile's budgets are grouped into (policies that plan budget tiers, kv_tiers): on the default model
+# two, three and four answer alike in kvpress (docs/benchmarks/tier-count/); each split layer costs a decode step
+# one more attention and a concat, so fewer tiers decode faster
+DEFAULT_TIERS = 3
+MAX_TIERS = 8
 
 
 @dataclass(frozen=True)
@@ -28,6 +33,8 @@ class EvictionSettings:
     evict_every: int | None = None
     # False when the granularity is the policy's default (in a tiered cache, eviction is then per head)
     granularity_given: bool = True
+    # tiers the head profile's budgets are grouped into (policies with budget_tiers; others ignore it)
+    tiers: int = DEFAULT_TIERS
 
     def policy(self) -> Policy:
         """A new instance of the policy, with no cell state yet."""
@@ -53,11 +60,12 @@ def _check_int(name: str, value: object, minimum: int) -> int:
 
 def validate_settings(kv_eviction: str | None, kv_keep: float | None = None, kv_budget: int | None = None,
                       kv_window: int = DEFAULT_WINDOW, kv_sink: int = DEFAULT_SINK,
-                      kv_granularity: str | None = None, kv_evict_every: int | None = None) -> EvictionSettings | None:
+                      kv_granularity: str | None = None, kv_evict_every: int | None = None,
+                      kv_tiers: int | None = None) -> EvictionSettings | None:
     """Check the user's eviction arguments; returns None when eviction is off."""
     if kv_eviction is None:
-        if kv_keep is not None or kv_budget is not None or kv_granularity is not None or kv_evict_every is not None:
-            raise ValueError("kv_keep / kv_budget / kv_granularity / kv_evict_every need a kv_eviction policy "
+        if any(value is not None for value in (kv_keep, kv_budget, kv_granularity, kv_evict_every, kv_tiers)):
+            raise ValueError("kv_keep / kv_budget / kv_granularity / kv_evict_every / kv_tiers need a kv_eviction policy "
                              f"(one of {sorted(POLICIES)})")
         return None
     if not isinstance(kv_eviction, str) or kv_eviction not in POLICIES:
@@ -103,6 +111,16 @@ def validate_settings(kv_eviction: str | None, kv_keep: float | None = None, kv_
     elif policy_class.observes_decode:
         evict_every = policy_class.default_evict_every
 
+    tiers = DEFAULT_TIERS
+    if kv_tiers is not None:
+        if not policy_class.budget_tiers:
+            tiered = sorted(name for name, cls in POLICIES.items() if cls.budget_tiers)
+            raise ValueError(f"kv_tiers needs a policy that groups a head profile's budgets into tiers (one of "
+                             f"{tiered}); {kv_eviction!r} does not")
+        tiers = _check_int("kv_tiers", kv_tiers, 1)
+        if tiers > MAX_TIERS:
+            raise ValueError(f"kv_tiers must be <= {MAX_TIERS}, got {kv_tiers!r}")
+
     return EvictionSettings(policy_name=kv_eviction, keep=keep, budget=budget, window=window, sink=sink,
                             granularity=granularity, evict_every=evict_every,
-                            granularity_given=kv_granularity is not None)
+                            granularity_given=kv_granularity is not None, tiers=tiers)

@@ -306,9 +306,6 @@ class _TieredCacheView:
         return sum(view.n_mixed(p0, p1) for view in self._engine.views)
 
 
-DEFAULT_TIERS = 4
-
-
 @dataclass(frozen=True)
 class TierPlan:
     """A tiered cache for a policy: its layout, and the share of the evictable tokens each tier keeps."""
@@ -327,7 +324,7 @@ def _merged(n_cells: list[int], fractions: list[float], tier_of: npt.NDArray[np.
 
 
 def plan_budget_tiers(budgets: npt.NDArray[np.integer], n_evictable: int, n_ctx: int, n_extra: int,
-                      n_tiers: int = DEFAULT_TIERS) -> TierPlan:
+                      n_tiers: int) -> TierPlan:
     """Tiers for per-(layer, KV head) ``budgets`` (tokens kept out of ``n_evictable``): grouped into at most
     ``n_tiers`` levels (``head_profile.group_into_tiers``), each tier holding its level plus ``n_extra`` cells
     (the protected ones, a prefill piece, a policy's scoring reserve), at most ``n_ctx``."""

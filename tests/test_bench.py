@@ -170,6 +170,8 @@ def test_bench_accuracy_writes_a_summary_per_cell(tmp_path, model_path):
 @pytest.mark.parametrize("arguments, message", [
     (["--tasks", "niah_single,nope"], "unknown task 'nope'"),
     (["--policies", "snapkv,tova2"], "unknown kv_eviction policy 'tova2'"),
+    (["--policies", "snapkv+profile"], "unknown policy 'snapkv+profile'"),
+    (["--policies", "kvzip+tiers9"], "kv_tiers must be <= 8, got 9"),
     (["--keeps", "1.0,1.5"], "kv_keep must be in"),
     (["--settings", "query-blind"], "unknown setting 'query-blind'"),
 ])
@@ -204,6 +206,7 @@ def test_paired_comparison_with_kvpress_counts_each_sample_once():
     assert kvpress_twin("kvzip") == kvpress_twin("kvzip@token") == "kvpress:kvzip-token"  # kvzip's default
     assert kvpress_twin("snapkv@token") is None  # kvpress's SnapKV selects per head
     assert kvpress_twin("kvzip+profile") == "kvpress:kvzip-profile"  # the profile's budgets, unquantized
+    assert kvpress_twin("kvzip+tiers2") == "kvpress:kvzip-tiers2"  # ... grouped into two tiers
     assert kvpress_twin("kvzip-head") is None  # the profile alone: no kvpress press does that
 
     def row(policy: str, seed: int, score: float, keep: float = 0.5) -> dict:

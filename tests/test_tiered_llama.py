@@ -5,10 +5,11 @@ The default model's profile ships with the package (docs/profiles/). Answers are
 bench's natural-prose needle task (prose_niah, 2K tokens: a magic number in standard-library documentation),
 compressed before the question is asked (n_ctx 4096). Measured on seeds 0-7 (n = 8), AMD EPYC with AVX512:
 
-    full cache                                          7/8
-    kvzip, keep 0.2, plain cache (per token)            2/8   (seeds 0-2: 2/3)
-    kvzip, keep 0.2, with the profile (32% of the bytes) 5/8   (seeds 0-2: 3/3)
-    kvzip-head, keep 0.5 (50% of the bytes)             5/8   (seeds 0-2: 2/3; at keep 0.2, 0/3)
+    full cache                                                   7/8
+    kvzip, keep 0.2, plain cache (per token)                     2/8   (seeds 0-2: 2/3)
+    kvzip, keep 0.2, with the profile in 3 tiers (the default)   6/8   (seeds 0-2: 3/3)
+        ... in 4 tiers 5/8 (3/3), in 2 tiers 3/8 (1/3); each 32-33% of the bytes, holding the same 11%
+    kvzip-head, keep 0.5 (50% of the bytes)                      5/8   (seeds 0-2: 2/3; at keep 0.2, 0/3)
 
 Asserted over the 3 seeds here: at least 2 of 3 for both (one flip from another host's rounding does not fail
 the test; a broken selection or a cache that lost the context does).
@@ -24,6 +25,7 @@ import kvgguf
 from kvgguf.bench import accuracy
 from kvgguf.bench.tasks import generate, score
 from kvgguf.head_profile import HeadProfileError, shipped_profile
+from kvgguf.settings import DEFAULT_TIERS
 
 N_CTX = 4096
 LENGTH = 2048
@@ -55,7 +57,7 @@ def test_kvzip_with_the_profile_plans_tiers_from_it(llm, model_path):
     llm.configure_kv_eviction("kvzip", kv_keep=KEEP)  # the default, "auto": the profile shipped for this model
     stats = llm.kv_stats()
     plan = llm.kv_controller.tier_plan
-    assert plan is not None and 2 <= plan.layout.n_tiers <= 4
+    assert plan is not None and 2 <= plan.layout.n_tiers <= DEFAULT_TIERS
     assert stats["tier_cells"] == list(plan.layout.n_cells)
     # the pairs the profile gives the largest budget live in the largest tier
     profile = shipped_profile(model_path)
@@ -64,6 +66,38 @@ def test_kvzip_with_the_profile_plans_tiers_from_it(llm, model_path):
     assert stats["kv_bytes_allocated"] < 0.6 * plain
     llm.configure_kv_eviction("kvzip", kv_keep=KEEP, kv_head_profile=None)  # no profile: the plain cache again
     assert llm.kv_controller.tier_plan is None and llm.kv_stats()["kv_bytes_allocated"] == plain
+
+
+@pytest.mark.parametrize("n_tiers", [1, 2, 4])
+def test_kv_tiers_groups_the_budgets_into_that_many_tiers(llm, samples, n_tiers):
+    """kv_tiers=T: the profile's budgets in T tiers (one tier: every head the same budget, in a cache of that
+    size); a context is compressed into them, each tier within its cells, and an answer decoded from it."""
+    llm.configure_kv_eviction("kvzip", kv_keep=KEEP, kv_tiers=n_tiers)
+    plan = llm.kv_controller.tier_plan
+    assert plan is not None and plan.layout.n_tiers == n_tiers
+    assert llm.kv_settings.tiers == n_tiers
+    assert llm.kv_stats()["tier_cells"] == list(plan.layout.n_cells)
+    sample, tokens = samples[0]
+    output = accuracy.answer(llm, tokens, "query-agnostic", max_tokens=32)
+    stats = llm.kv_stats()
+    assert stats["evictions"] >= 1 and all(now <= cells for now, cells in
+                                           zip(stats["tier_cells_now"], plan.layout.n_cells))
+    assert isinstance(output, str) and output
+
+
+def test_kv_tiers_is_checked_at_the_edge(llm, samples):
+    llm.configure_kv_eviction("kvzip", kv_keep=KEEP, kv_tiers=2)
+    for bad, message in [(dict(kv_eviction="snapkv", kv_tiers=2), "kv_tiers needs a policy that groups"),
+                         (dict(kv_eviction="kvzip-head", kv_tiers=2), "'kvzip-head' does not"),
+                         (dict(kv_eviction="kvzip", kv_tiers=0), "kv_tiers must be >= 1, got 0"),
+                         (dict(kv_eviction="kvzip", kv_tiers=9), "kv_tiers must be <= 8, got 9"),
+                         (dict(kv_eviction="kvzip", kv_tiers=2.0), "kv_tiers must be an integer, got 2.0"),
+                         (dict(kv_eviction=None, kv_tiers=2), "need a kv_eviction policy")]:
+        with pytest.raises(ValueError, match=message):
+            llm.configure_kv_eviction(**bad)
+        assert llm.kv_settings.tiers == 2 and llm.kv_controller.tier_plan.layout.n_tiers == 2  # still in force
+    sample, tokens = samples[2]
+    assert accuracy.answer(llm, tokens, "query-agnostic", max_tokens=32)  # the model and cache still work
 
 
 @pytest.mark.parametrize("policy,keep", [("kvzip", KEEP), ("kvzip-head", 0.5)])

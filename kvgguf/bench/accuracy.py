@@ -143,10 +143,14 @@ def kvpress_twin(policy: str) -> str | None:
     """kvpress's row with the same selection as our ``policy``, where the suite has one: KVzip's scores with our
     per-head or per-token selection (``kvpress:kvzip-head`` / ``-token``), its SnapKV (per head) and its
     StreamingLLM. ``kvpress:kvzip`` (its global selection over all layers and heads) is no twin of ours, nor of
-    ``kvzip+profile`` (per-head budgets from the profile: ``kvpress:kvzip-profile`` is its unquantized twin)."""
+    ``kvzip+profile`` (per-head budgets from the profile: ``kvpress:kvzip-profile`` is its unquantized twin;
+    ``kvzip+tiersT``'s is ``kvpress:kvzip-tiersT``, the same budgets grouped into T tiers)."""
     base, granularity = policy_spec(policy)
     if uses_profile(policy):
-        return "kvpress:kvzip-profile" if base == "kvzip" else None
+        tiers = eviction_arguments(policy)["kv_tiers"]
+        if base != "kvzip":
+            return None
+        return f"kvpress:kvzip-tiers{tiers}" if tiers is not None else "kvpress:kvzip-profile"
     if base == "kvzip":
         return f"kvpress:kvzip-{granularity or POLICIES[base].default_granularity}"
     if base in ("snapkv", "streaming") and granularity is None:

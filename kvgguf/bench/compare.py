@@ -37,7 +37,7 @@ from .._native import llama_cpp_api
 from ..llama import Llama
 from ..policies import POLICIES
 from ..head_profile import group_into_tiers, shipped_profile
-from ..settings import DEFAULT_SINK, DEFAULT_WINDOW, validate_settings
+from ..settings import DEFAULT_SINK, DEFAULT_WINDOW, MAX_TIERS, validate_settings
 from . import report
 from .accuracy import SETTINGS
 from .tasks import Sample, score
@@ -232,9 +232,9 @@ KVPRESS_METHODS: dict[str, Callable[[float, int], BasePress]] = {
     "kvzip": _kvzip_press,            # kvpress's own, global selection over all layers and heads
     "kvzip-head": _kvzip_head_press,  # built from its scores: our two granularities
     "kvzip-token": _kvzip_token_press,
-    # the head profile's budgets (kvgguf profile-heads), unquantized and grouped into 2-4 tiers
+    # the head profile's budgets (kvgguf profile-heads), unquantized and grouped into T tiers (kv_tiers)
     "kvzip-profile": _kvzip_profile_press("profile"),
-    **{f"kvzip-tiers{n}": _kvzip_profile_press(f"tiers{n}") for n in (2, 3, 4)},
+    **{f"kvzip-tiers{n}": _kvzip_profile_press(f"tiers{n}") for n in range(1, MAX_TIERS + 1)},
 }
 
 

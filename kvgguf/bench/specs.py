@@ -1,8 +1,10 @@
 """The benchmarks' names for an eviction configuration: a policy, ``@head`` / ``@token`` for its granularity, and
-``+profile`` for eviction with the model's head profile in a tiered cache (``kvzip+profile``); a policy that needs
-a profile (``kvzip-head``) uses it without the suffix."""
+``+profile`` for eviction with the model's head profile in a tiered cache (``kvzip+profile``; ``kvzip+tiers2``:
+with the profile's budgets in 2 tiers, kv_tiers); a policy that needs a profile (``kvzip-head``) uses it without
+the suffix."""
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from ..policies import POLICIES, Policy
@@ -10,13 +12,24 @@ from ..settings import GRANULARITIES, validate_settings
 
 HEAD_PROFILE = "auto"  # a configuration with a profile evicts with the one shipped for the model
 PROFILE_SUFFIX = "+profile"
+_PROFILE = re.compile(r"\+(?:profile|tiers(?P<tiers>[0-9]+))$")  # +profile, +tiers<N>
+
+
+def _split_profile(base: str) -> tuple[str, bool, int | None]:
+    """``kvzip+tiers2`` -> ("kvzip", True, 2); ``kvzip+profile`` -> ("kvzip", True, None)."""
+    match = _PROFILE.search(base)
+    if match is None:
+        return base, False, None
+    tiers = match.group("tiers")
+    return base[:match.start()], True, (int(tiers) if tiers is not None else None)
 
 
 def policy_spec(name: str) -> tuple[str, str | None]:
     """A policy of the command line: ``kvzip`` (its default granularity), ``kvzip@token`` / ``kvzip@head``, and
-    ``kvzip+profile`` (with the model's head profile: a tiered cache); returns (policy, granularity or None)."""
+    ``kvzip+profile`` / ``kvzip+tiers<N>`` (with the model's head profile: a tiered cache); returns (policy,
+    granularity or None)."""
     base, at, granularity = name.partition("@")
-    base = base.removesuffix(PROFILE_SUFFIX)
+    base = _split_profile(base)[0]
     if at and base in POLICIES and granularity in GRANULARITIES:
         return base, granularity
     return (base, None) if base in POLICIES else (name, None)
@@ -30,22 +43,25 @@ def policy_of(name: str) -> type[Policy]:
 def uses_profile(name: str) -> bool:
     """Whether the command line's policy evicts with the model's head profile (``+profile``, or a policy that
     needs one)."""
-    base = name.partition("@")[0]
-    policy = POLICIES.get(base.removesuffix(PROFILE_SUFFIX))
-    return base.endswith(PROFILE_SUFFIX) or (policy is not None and policy.head_profile_use == "required")
+    base, with_profile, _ = _split_profile(name.partition("@")[0])
+    policy = POLICIES.get(base)
+    return with_profile or (policy is not None and policy.head_profile_use == "required")
 
 
 def eviction_arguments(name: str) -> dict[str, Any]:
     """``Llama`` keyword arguments for the configuration ``name`` (without its budget)."""
     policy, granularity = policy_spec(name)
     return dict(kv_eviction=policy, kv_granularity=granularity,
-                kv_head_profile=HEAD_PROFILE if uses_profile(name) else None)
+                kv_head_profile=HEAD_PROFILE if uses_profile(name) else None,
+                kv_tiers=_split_profile(name.partition("@")[0])[2])
 
 
 def check_spec(name: str, keep: float) -> None:
     """Raise ValueError naming ``name`` (or the ratio) when it is no configuration the benchmarks can run."""
     policy, granularity = policy_spec(name)
-    validate_settings(policy, keep, kv_granularity=granularity)
-    if policy not in POLICIES or (PROFILE_SUFFIX in name and POLICIES[policy].head_profile_use is None):
+    _, with_profile, tiers = _split_profile(name.partition("@")[0])
+    if policy in POLICIES and with_profile and POLICIES[policy].head_profile_use is None:
         raise ValueError(f"unknown policy {name!r}: a policy ({sorted(POLICIES)}), optionally with "
-                         f"{PROFILE_SUFFIX!r} (policies that use a head profile) and '@head' / '@token'")
+                         f"{PROFILE_SUFFIX!r} or '+tiers<N>' (policies that use a head profile) and "
+                         "'@head' / '@token'")
+    validate_settings(policy, keep, kv_granularity=granularity, kv_tiers=tiers)  # an unknown policy, by name

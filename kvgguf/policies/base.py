@@ -47,6 +47,8 @@ class Policy(ABC):
     # how the policy uses a per-model head profile (kvgguf.head_profile): None (not at all), "optional" (with a
     # profile it evicts in a tiered cache, ``plan_tiers``) or "required"
     head_profile_use: ClassVar[str | None] = None
+    # True if ``plan_tiers`` groups the profile's per-head budgets into ``settings.tiers`` tiers (kv_tiers)
+    budget_tiers: ClassVar[bool] = False
 
     def __init__(self, settings: EvictionSettings) -> None:
         self.settings = settings

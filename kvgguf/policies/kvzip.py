@@ -79,6 +79,7 @@ class KVzipPolicy(Policy):
     protects_template_head = True
     # with a head profile, each KV head keeps its profiled share of the budget, in a tiered cache
     head_profile_use = "optional"
+    budget_tiers = True
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -120,7 +121,8 @@ class KVzipPolicy(Policy):
         n_evictable = max(1, n_ctx - n_protected)
         self._tier_piece = min(scoring.n_batch, max(MIN_CHUNK, n_ctx // 32))
         n_extra = n_protected + 3 * self._tier_piece + self.request_len(scoring) + MIN_CHUNK
-        return plan_budget_tiers(profile.budgets(keep, n_evictable), n_evictable, n_ctx, n_extra)
+        return plan_budget_tiers(profile.budgets(keep, n_evictable), n_evictable, n_ctx, n_extra,
+                                 settings.tiers)
 
     def reserve(self, scoring: ScoringContext) -> int:
         """Cells kept free for a reconstruction: a request and a piece of forced tokens."""
