@@ -58,6 +58,13 @@ def _check_int(name: str, value: object, minimum: int) -> int:
     return int(value)
 
 
+def _require(policy: str, attribute: str, option: str, what: str) -> None:
+    """ValueError naming ``option`` when ``policy`` lacks the class flag ``attribute`` (an option for others)."""
+    if not getattr(POLICIES[policy], attribute):
+        able = sorted(name for name, cls in POLICIES.items() if getattr(cls, attribute))
+        raise ValueError(f"{option} needs a policy that {what} (one of {able}); {policy!r} does not")
+
+
 def validate_settings(kv_eviction: str | None, kv_keep: float | None = None, kv_budget: int | None = None,
                       kv_window: int = DEFAULT_WINDOW, kv_sink: int = DEFAULT_SINK,
                       kv_granularity: str | None = None, kv_evict_every: int | None = None,
@@ -103,20 +110,14 @@ def validate_settings(kv_eviction: str | None, kv_keep: float | None = None, kv_
 
     evict_every = None
     if kv_evict_every is not None:
-        if not policy_class.observes_decode:
-            observing = sorted(name for name, cls in POLICIES.items() if cls.observes_decode)
-            raise ValueError(f"kv_evict_every needs a policy that observes decoding (one of {observing}); "
-                             f"{kv_eviction!r} scores at prefill")
+        _require(kv_eviction, "observes_decode", "kv_evict_every", "observes decoding")
         evict_every = _check_int("kv_evict_every", kv_evict_every, 1)
     elif policy_class.observes_decode:
         evict_every = policy_class.default_evict_every
 
     tiers = DEFAULT_TIERS
     if kv_tiers is not None:
-        if not policy_class.budget_tiers:
-            tiered = sorted(name for name, cls in POLICIES.items() if cls.budget_tiers)
-            raise ValueError(f"kv_tiers needs a policy that groups a head profile's budgets into tiers (one of "
-                             f"{tiered}); {kv_eviction!r} does not")
+        _require(kv_eviction, "budget_tiers", "kv_tiers", "groups a head profile's budgets into tiers")
         tiers = _check_int("kv_tiers", kv_tiers, 1)
         if tiers > MAX_TIERS:
             raise ValueError(f"kv_tiers must be <= {MAX_TIERS}, got {kv_tiers!r}")
