@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Regenerate every benchmark result committed under docs/benchmarks/ on the default model (about 6.5 hours on
+# Regenerate every benchmark result committed under docs/benchmarks/ on the default model (about 7.5 hours on
 # 2 cores; run it alone on the machine: `bench speed` times against an unpatched llama.cpp in the same run).
 # The Qwen long-context results (docs/benchmarks/long/) have their own command in docs/benchmarks/README.md.
 set -euo pipefail
@@ -11,17 +11,19 @@ bash scripts/build_baseline.sh >/dev/null   # the unpatched llama.cpp (increment
 
 kvgguf=.venv/bin/kvgguf
 
-# in_halves OUT SAMPLES ARGS...: `bench accuracy ARGS` over seeds 0 .. SAMPLES-1 as two halves side by side, one
-# thread each (more throughput on 2 cores than one run on two threads; the answers are the same), merged into OUT
+# in_halves OUT SAMPLES ARGS...: `bench accuracy ARGS` over seeds FIRST_SEED .. FIRST_SEED+SAMPLES-1 (FIRST_SEED
+# 0 unless set) as two halves side by side, one thread each (more throughput on 2 cores than one run on two
+# threads; the answers are the same), merged into OUT
 in_halves() {
-    local out=$1 samples=$2
+    local out=$1 samples=$2 first=${FIRST_SEED:-0}
     shift 2
     local half=$((samples / 2)) parts pids=()
     parts=$(mktemp -d)
-    "$kvgguf" bench accuracy "$@" --samples "$half" --first-seed 0 --threads 1 -o "$parts/a" 2> "$parts/a.log" &
+    "$kvgguf" bench accuracy "$@" --samples "$half" --first-seed "$first" --threads 1 -o "$parts/a" \
+        2> "$parts/a.log" &
     pids+=($!)
-    "$kvgguf" bench accuracy "$@" --samples $((samples - half)) --first-seed "$half" --threads 1 -o "$parts/b" \
-        2> "$parts/b.log" &
+    "$kvgguf" bench accuracy "$@" --samples $((samples - half)) --first-seed $((first + half)) --threads 1 \
+        -o "$parts/b" 2> "$parts/b.log" &
     pids+=($!)
     for pid in "${pids[@]}"; do
         wait "$pid"
@@ -41,10 +43,15 @@ in_halves docs/benchmarks/kvzip-compare 30 --tasks niah_single,niah_multivalue,f
 in_halves docs/benchmarks/tiered 8 --tasks niah_single,fact_qa,prose_niah,prose_fact --lengths 1024 \
     --keeps 1.0,0.5,0.3,0.2,0.1 --policies kvzip+profile,kvzip-head,kvzip@token,kvzip@head --settings query-agnostic \
     --compare kvpress --kvpress-methods kvzip,kvzip-profile
-"$kvgguf" bench speed --lengths 2048,4096 --policies kvzip,kvzip+profile,kvzip-head --no-baseline \
-    -o docs/benchmarks/tiered
+"$kvgguf" bench speed --lengths 2048,4096 --policies kvzip,kvzip+tiers2,kvzip+profile,kvzip+tiers4,kvzip-head \
+    --no-baseline -o docs/benchmarks/tiered
+"$kvgguf" bench speed --lengths 4096 --policies kvzip+profile,kvzip-head --no-baseline --threads 1 \
+    -o docs/benchmarks/tiered/speed-1-thread
 "$kvgguf" bench memory --policies kvzip,kvzip+profile,kvzip-head -o docs/benchmarks/tiered
 # how many tiers: kvpress's KVzip with the profile's budgets unquantized and grouped into 2-4 tiers
 in_halves docs/benchmarks/tier-count 8 --tasks niah_single,fact_qa,prose_niah,prose_fact --lengths 1024 \
     --keeps 1.0,0.3,0.2,0.1 --policies kvzip+profile --settings query-agnostic \
     --compare kvpress --kvpress-methods kvzip-profile,kvzip-tiers2,kvzip-tiers3,kvzip-tiers4
+# ... and our runtime in 2-4 tiers (kv_tiers)
+in_halves docs/benchmarks/tier-count/runtime 8 --tasks niah_single,fact_qa,prose_niah,prose_fact --lengths 1024 \
+    --keeps 1.0,0.3,0.2,0.1 --policies kvzip+tiers2,kvzip+tiers3,kvzip+tiers4 --settings query-agnostic
