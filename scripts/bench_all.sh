@@ -43,6 +43,10 @@ in_halves docs/benchmarks/kvzip-compare 30 --tasks niah_single,niah_multivalue,f
 in_halves docs/benchmarks/tiered 8 --tasks niah_single,fact_qa,prose_niah,prose_fact --lengths 1024 \
     --keeps 1.0,0.5,0.3,0.2,0.1 --policies kvzip+profile,kvzip-head,kvzip@token,kvzip@head --settings query-agnostic \
     --compare kvpress --kvpress-methods kvzip,kvzip-profile
+# ... the default kv_tiers (3) on eight more seeds, beside kvpress
+FIRST_SEED=8 in_halves docs/benchmarks/tiered/seeds-8-15 8 --tasks niah_single,fact_qa,prose_niah,prose_fact \
+    --lengths 1024 --keeps 1.0,0.5,0.3,0.2,0.1 --policies kvzip+profile --settings query-agnostic \
+    --compare kvpress --kvpress-methods kvzip,kvzip-profile
 "$kvgguf" bench speed --lengths 2048,4096 --policies kvzip,kvzip+tiers2,kvzip+profile,kvzip+tiers4,kvzip-head \
     --no-baseline -o docs/benchmarks/tiered
 "$kvgguf" bench speed --lengths 4096 --policies kvzip+profile,kvzip-head --no-baseline --threads 1 \
