@@ -72,8 +72,8 @@ def validate_settings(kv_eviction: str | None, kv_keep: float | None = None, kv_
     """Check the user's eviction arguments; returns None when eviction is off."""
     if kv_eviction is None:
         if any(value is not None for value in (kv_keep, kv_budget, kv_granularity, kv_evict_every, kv_tiers)):
-            raise ValueError("kv_keep / kv_budget / kv_granularity / kv_evict_every / kv_tiers need a kv_eviction policy "
-                             f"(one of {sorted(POLICIES)})")
+            raise ValueError("kv_keep / kv_budget / kv_granularity / kv_evict_every / kv_tiers need a kv_eviction "
+                             f"policy (one of {sorted(POLICIES)})")
         return None
     if not isinstance(kv_eviction, str) or kv_eviction not in POLICIES:
         raise ValueError(f"unknown kv_eviction policy {kv_eviction!r}; known: {sorted(POLICIES)}")

@@ -147,9 +147,9 @@ def kvpress_twin(policy: str) -> str | None:
     ``kvzip+tiersT``'s is ``kvpress:kvzip-tiersT``, the same budgets grouped into T tiers)."""
     base, granularity = policy_spec(policy)
     if uses_profile(policy):
-        tiers = eviction_arguments(policy)["kv_tiers"]
         if base != "kvzip":
             return None
+        tiers = eviction_arguments(policy)["kv_tiers"]
         return f"kvpress:kvzip-tiers{tiers}" if tiers is not None else "kvpress:kvzip-profile"
     if base == "kvzip":
         return f"kvpress:kvzip-{granularity or POLICIES[base].default_granularity}"

@@ -15,8 +15,10 @@ PROFILE_SUFFIX = "+profile"
 _PROFILE = re.compile(r"\+(?:profile|tiers(?P<tiers>[0-9]+))$")  # +profile, +tiers<N>
 
 
-def _split_profile(base: str) -> tuple[str, bool, int | None]:
-    """``kvzip+tiers2`` -> ("kvzip", True, 2); ``kvzip+profile`` -> ("kvzip", True, None)."""
+def _split_profile(name: str) -> tuple[str, bool, int | None]:
+    """The policy part of ``name`` (before ``@``) without its profile suffix, whether it has one, and the tiers
+    it asks for: ``kvzip+tiers2@head`` -> ("kvzip", True, 2); ``kvzip+profile`` -> ("kvzip", True, None)."""
+    base = name.partition("@")[0]
     match = _PROFILE.search(base)
     if match is None:
         return base, False, None
@@ -28,8 +30,8 @@ def policy_spec(name: str) -> tuple[str, str | None]:
     """A policy of the command line: ``kvzip`` (its default granularity), ``kvzip@token`` / ``kvzip@head``, and
     ``kvzip+profile`` / ``kvzip+tiers<N>`` (with the model's head profile: a tiered cache); returns (policy,
     granularity or None)."""
-    base, at, granularity = name.partition("@")
-    base = _split_profile(base)[0]
+    _, at, granularity = name.partition("@")
+    base = _split_profile(name)[0]
     if at and base in POLICIES and granularity in GRANULARITIES:
         return base, granularity
     return (base, None) if base in POLICIES else (name, None)
@@ -43,7 +45,7 @@ def policy_of(name: str) -> type[Policy]:
 def uses_profile(name: str) -> bool:
     """Whether the command line's policy evicts with the model's head profile (``+profile``, or a policy that
     needs one)."""
-    base, with_profile, _ = _split_profile(name.partition("@")[0])
+    base, with_profile, _ = _split_profile(name)
     policy = POLICIES.get(base)
     return with_profile or (policy is not None and policy.head_profile_use == "required")
 
@@ -53,13 +55,13 @@ def eviction_arguments(name: str) -> dict[str, Any]:
     policy, granularity = policy_spec(name)
     return dict(kv_eviction=policy, kv_granularity=granularity,
                 kv_head_profile=HEAD_PROFILE if uses_profile(name) else None,
-                kv_tiers=_split_profile(name.partition("@")[0])[2])
+                kv_tiers=_split_profile(name)[2])
 
 
 def check_spec(name: str, keep: float) -> None:
     """Raise ValueError naming ``name`` (or the ratio) when it is no configuration the benchmarks can run."""
     policy, granularity = policy_spec(name)
-    _, with_profile, tiers = _split_profile(name.partition("@")[0])
+    _, with_profile, tiers = _split_profile(name)
     if policy in POLICIES and with_profile and POLICIES[policy].head_profile_use is None:
         raise ValueError(f"unknown policy {name!r}: a policy ({sorted(POLICIES)}), optionally with "
                          f"{PROFILE_SUFFIX!r} or '+tiers<N>' (policies that use a head profile) and "
