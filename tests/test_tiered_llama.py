@@ -120,15 +120,18 @@ def test_compressed_in_tiers_before_the_question(llm, samples, policy, keep):
 def test_a_tiered_context_answers_from_its_file_and_the_plain_cache_comes_back(llm, samples, tmp_path):
     """compress() with kvzip and the profile while the Llama's own settings use a plain cache: the context keeps
     its tiers through its file, answering from it switches the cache to them, and the next prompt gets the
-    plain cache back."""
+    plain cache back. (Whether such answers are right is test_compressed_in_tiers_before_the_question's claim,
+    over SEEDS; here the answer from the file must equal the one from memory.)"""
     llm.configure_kv_eviction("snapkv", kv_keep=0.5, kv_head_profile="auto")  # snapkv: no profile, plain
     assert llm.kv_controller.tier_plan is None
-    sample = samples[0][0]
+    sample, tokens = samples[0]
     context = llm.compress(sample.context, keep=KEEP, policy="kvzip")
     assert context.tiers is not None and llm.kv_controller.tier_plan is None
     first = llm.ask(context, sample.question, max_tokens=32)
-    assert score(sample, first) == 1.0, first
-    assert llm.kv_stats()["tier_cells"] == list(context.tiers.layout.n_cells)
+    assert first.strip()
+    stats = llm.kv_stats()
+    assert stats["tier_cells"] == list(context.tiers.layout.n_cells)
+    assert min(stats["tier_cells_now"]) < len(tokens.context) // 2  # the small tiers' cells are gone
     loaded = llm.load_context(context.save(tmp_path / "tiered.kvc"))
     assert loaded.tiers.layout.n_cells == context.tiers.layout.n_cells
     assert np.array_equal(loaded.tiers.layout.tier_of_head, context.tiers.layout.tier_of_head)
