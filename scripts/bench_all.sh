@@ -51,6 +51,12 @@ FIRST_SEED=8 in_halves docs/benchmarks/tiered/seeds-8-15 8 --tasks niah_single,f
     --no-baseline -o docs/benchmarks/tiered
 "$kvgguf" bench speed --lengths 4096 --policies kvzip+profile,kvzip-head --no-baseline --threads 1 \
     -o docs/benchmarks/tiered/speed-1-thread
+# ... and on a model four times larger (its profile ships too): is the decode gap per-node overhead?
+"$kvgguf" bench speed -m qwen2.5-coder-0.5b-instruct --lengths 4096 --policies kvzip,kvzip+profile,kvzip-head \
+    --no-baseline --threads 1 -o docs/benchmarks/tiered/qwen-speed
+in_halves docs/benchmarks/tiered/qwen-accuracy 4 -m qwen2.5-coder-0.5b-instruct \
+    --tasks niah_single,fact_qa,prose_niah,prose_fact --lengths 1024 --keeps 1.0,0.3,0.1 \
+    --policies kvzip,kvzip+profile --settings query-agnostic
 "$kvgguf" bench memory --policies kvzip,kvzip+profile,kvzip-head -o docs/benchmarks/tiered
 # how many tiers: kvpress's KVzip with the profile's budgets unquantized and grouped into 2-4 tiers
 in_halves docs/benchmarks/tier-count 8 --tasks niah_single,fact_qa,prose_niah,prose_fact --lengths 1024 \
