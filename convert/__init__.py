@@ -1,4 +1,5 @@
 """kvgguf's converters, installed as ``kvgguf.convert``: the modules that turn other formats into GGUF files for
 llama.cpp, written with gguf-py (HF checkpoints through llama.cpp's own convert_hf_to_gguf.py from the pinned
-source, trained lookahead modules into LoRA-adapter GGUFs, per-model head profiles into GGUF metadata). It holds
-no converter yet: the LookaheadKV, conversion and head-profile issues add them."""
+source, trained lookahead modules into LoRA-adapter GGUFs, per-model head profiles into GGUF metadata).
+
+- ``lookahead``: trained LookaheadKV modules into a LoRA-adapter GGUF (``kvgguf convert lookahead``)."""

@@ -5,6 +5,8 @@ Import kvgguf before llama_cpp: it points llama-cpp-python at kvgguf's patched l
 from __future__ import annotations
 
 from . import _native  # noqa: F401  (sets LLAMA_CPP_LIB_PATH before anything imports llama_cpp)
+
+_native.expose_checkout_converters()  # kvgguf.convert, imported from a source checkout
 from .contexts import CompressedContext, ContextFileError, KVSnapshot
 from .controller import EvictionController
 from .engine import CellState, EvictionEngine, KVCacheView, KVStats

