@@ -78,6 +78,13 @@ def main(argv: list[str] | None = None) -> int:
     profile_heads.add_arguments(profile)
     profile.set_defaults(run=profile_heads.main)
 
+    from . import train_lookahead
+
+    train = commands.add_parser("train-lookahead", help="train a LookaheadKV module (lookahead embeddings + LoRA) "
+                                                        "for a model on the CPU (extra [train])")
+    train_lookahead.add_arguments(train)
+    train.set_defaults(run=train_lookahead.main)
+
     from .convert import lookahead as convert_lookahead
 
     convert = commands.add_parser("convert", help="convert trained modules into GGUF files llama.cpp loads")
