@@ -33,6 +33,7 @@ from .tiers import TierPlan, TieredEngine, clear_tiers
 
 if TYPE_CHECKING:
     from .head_profile import HeadProfile
+    from .lookahead import LookaheadRuntime
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +54,8 @@ class EvictionController:
         # cache (Policy.plan_tiers); the plan in use, None for the plain cache
         self.head_profile: HeadProfile | None = None
         self.tier_plan: TierPlan | None = None
+        # a trained LookaheadKV module of the model (kvgguf.lookahead), for the policies that score with one
+        self.lookahead: LookaheadRuntime | None = None
         self._settings_plan: TierPlan | None = None  # the plan of the settings (a restored context may differ)
         self.chat = chat
         self.settings: EvictionSettings | None = None
@@ -94,6 +97,12 @@ class EvictionController:
                              "it uses ALiBi, whose bias comes from each cell's one position, and a per-head "
                              "eviction fills cells with different tokens per KV head; use kv_granularity='token'")
         policy = settings.policy()
+        if policy.uses_lookahead:
+            if self.lookahead is None:
+                raise ValueError(f"kv_eviction={settings.policy_name!r} needs a lookahead module of this model: pass "
+                                 "kv_lookahead= a file made by `kvgguf train-lookahead` and `kvgguf convert "
+                                 "lookahead` (none ships for this model)")
+            policy.lookahead = self.lookahead
         if policy.head_profile_use == "required" and self.head_profile is None:
             raise ValueError(f"kv_eviction={settings.policy_name!r} needs a head profile of this model: pass "
                              "kv_head_profile= a file made by `kvgguf profile-heads` (none ships for this model)")
@@ -148,15 +157,20 @@ class EvictionController:
         self.reset()
 
     def configure(self, settings: EvictionSettings | None, policy: Policy | None = None,
-                  head_profile: HeadProfile | None | object = ...) -> None:
-        """Use ``settings`` (and ``head_profile``, when given) from now on, checked with ``check`` unless its policy
-        is given; on ValueError nothing changes."""
-        if head_profile is not ...:
-            previous, self.head_profile = self.head_profile, head_profile
+                  head_profile: HeadProfile | None | object = ...,
+                  lookahead: LookaheadRuntime | None | object = ...) -> None:
+        """Use ``settings`` (and ``head_profile`` and ``lookahead``, when given) from now on, checked with
+        ``check`` unless its policy is given; on ValueError nothing changes."""
+        if head_profile is not ... or lookahead is not ...:
+            previous = self.head_profile, self.lookahead
+            if head_profile is not ...:
+                self.head_profile = head_profile  # type: ignore[assignment]
+            if lookahead is not ...:
+                self.lookahead = lookahead  # type: ignore[assignment]
             try:
                 policy = self.check(settings)
             except ValueError:
-                self.head_profile = previous
+                self.head_profile, self.lookahead = previous
                 raise
         elif policy is None:
             policy = self.check(settings)

@@ -24,7 +24,9 @@ from .contexts import CompressedContext, ContextSession, KVSnapshot, ModelIdenti
 from .controller import EvictionController
 from .engine import EvictionEngine, KVCacheView, kv_bytes_per_cell
 from .head_profile import AUTO, resolve_profile
+from .lookahead import LookaheadRuntime, resolve_lookahead
 from .models import check_gguf_file
+from .policies import POLICIES
 from .scoring import ScoringContext
 from .settings import DEFAULT_SINK, DEFAULT_WINDOW, EvictionSettings, validate_settings
 
@@ -85,6 +87,8 @@ class Llama(llama_cpp.Llama):
         kv_tiers: (kvzip with a head profile) how many tiers the per-head budgets are grouped into, 1-8 (default
             3): each layer whose heads fall in more than one tier attends once per tier, so fewer tiers decode
             faster and follow the profile less closely.
+        kv_lookahead: (kv_eviction="lookahead") the path of a LookaheadKV module converted for this model
+            (`kvgguf train-lookahead`, `kvgguf convert lookahead`); None: the one shipped for this model file.
 
     With a policy, prompts longer than ``n_ctx`` are prefilled in chunks with eviction between chunks, and
     generation that fills the cache evicts again instead of failing; positions may run up to
@@ -95,7 +99,7 @@ class Llama(llama_cpp.Llama):
                  kv_budget: int | None = None, kv_window: int = DEFAULT_WINDOW, kv_sink: int = DEFAULT_SINK,
                  kv_granularity: str | None = None, kv_evict_every: int | None = None,
                  kv_head_profile: str | os.PathLike[str] | None = AUTO, kv_tiers: int | None = None,
-                 **kwargs: Any) -> None:
+                 kv_lookahead: str | os.PathLike[str] | None = None, **kwargs: Any) -> None:
         settings = validate_settings(kv_eviction, kv_keep, kv_budget, kv_window, kv_sink, kv_granularity,
                                      kv_evict_every, kv_tiers)
         check_gguf_file(model_path)
@@ -119,8 +123,11 @@ class Llama(llama_cpp.Llama):
         self.kv_controller = EvictionController(sequence, engine, scoring, self.chat_template)
         self._stack.callback(scoring.close)
         self._kv_contexts = ContextSession(self)
+        self._lookahead_modules: dict[str, LookaheadRuntime] = {}
+        self._stack.callback(self._close_lookahead_modules)
         self.kv_controller.configure(settings, head_profile=resolve_profile(kv_head_profile, model_path,
-                                                                            self.model_identity()))
+                                                                            self.model_identity()),
+                                     lookahead=self._lookahead_for(kv_lookahead, settings))
 
     def close(self) -> None:
         # __del__ calls close() even when __init__ raised before the parent set anything up
@@ -134,13 +141,36 @@ class Llama(llama_cpp.Llama):
                               kv_sink: int = DEFAULT_SINK, kv_granularity: str | None = None,
                               kv_evict_every: int | None = None,
                               kv_head_profile: str | os.PathLike[str] | None = AUTO,
-                              kv_tiers: int | None = None) -> None:
+                              kv_tiers: int | None = None,
+                              kv_lookahead: str | os.PathLike[str] | None = None) -> None:
         """Change the eviction settings of a loaded model; on ValueError the old settings stay in force."""
         settings = validate_settings(kv_eviction, kv_keep, kv_budget, kv_window, kv_sink, kv_granularity,
                                      kv_evict_every, kv_tiers)
         profile = resolve_profile(kv_head_profile, self.model_path, self.model_identity())
-        self.kv_controller.configure(settings, head_profile=profile)
+        self.kv_controller.configure(settings, head_profile=profile,
+                                     lookahead=self._lookahead_for(kv_lookahead, settings))
         self.reset()  # whatever the cache holds was made under other settings
+
+    def _lookahead_for(self, spec: str | os.PathLike[str] | None,
+                       settings: EvictionSettings | None) -> LookaheadRuntime | None:
+        """The lookahead module ``kv_lookahead=spec`` names (None: the one shipped for this model, looked up only
+        for a policy that scores with one), loaded once per file."""
+        if spec is None and (settings is None or not POLICIES[settings.policy_name].uses_lookahead):
+            return None
+        if spec is not None and not isinstance(spec, (str, os.PathLike)):
+            raise ValueError(f"kv_lookahead must be the path of a converted lookahead module or None, got {spec!r}")
+        key = "" if spec is None else os.fspath(spec)
+        if key not in self._lookahead_modules:
+            module = resolve_lookahead(spec, self.model_path, self._model.model)
+            if module is None:
+                return None
+            self._lookahead_modules[key] = module
+        return self._lookahead_modules[key]
+
+    def _close_lookahead_modules(self) -> None:
+        for module in self._lookahead_modules.values():
+            module.close()
+        self._lookahead_modules.clear()
 
     @property
     def kv_settings(self) -> EvictionSettings | None:

@@ -34,6 +34,7 @@ import json
 import logging
 import os
 from dataclasses import dataclass, field
+from typing import Any
 from pathlib import Path
 
 import numpy as np
@@ -346,3 +347,57 @@ class LookaheadFile:
         if self.embeddings.shape[1] != model.n_embd:
             raise LookaheadModuleError(f"{self.path}: {EMBEDDING_TENSOR} rows have {self.embeddings.shape[1]} values, "
                                        f"the model's embeddings {model.n_embd}")
+
+
+# --- at run time ------------------------------------------------------------------------------------------------
+
+# modules that ship with the package (made by `kvgguf train-lookahead` + `kvgguf convert lookahead`, docs/lookahead/)
+SHIPPED_DIR = Path(__file__).with_name("lookahead_modules")
+
+
+@dataclass
+class LookaheadRuntime:
+    """A converted module loaded for one model: its embeddings and metadata, and its LoRA in llama.cpp."""
+
+    file: LookaheadFile
+    adapter: Any  # kvgguf.scoring.LoraAdapter
+
+    def close(self) -> None:
+        self.adapter.close()
+
+
+def shipped_module(model_path: str | os.PathLike[str]) -> Path | None:
+    """The module shipped with the package for the GGUF file at ``model_path`` (matched by the file's
+    fingerprint), or None."""
+    from .contexts import file_fingerprint
+
+    if not SHIPPED_DIR.is_dir():
+        return None
+    fingerprint = file_fingerprint(model_path)
+    gguf = gguf_module()
+    for candidate in sorted(SHIPPED_DIR.glob("*.gguf")):
+        field_ = gguf.GGUFReader(str(candidate)).get_field(GGUF_PREFIX + "base.fingerprint")
+        if field_ is not None and field_.contents() == fingerprint:
+            return candidate
+    return None
+
+
+def resolve_lookahead(spec: str | os.PathLike[str] | None, model_path: str | os.PathLike[str],
+                      model: Any) -> LookaheadRuntime | None:
+    """The lookahead module a ``Llama`` scores with: a converted module's path (checked against the model and
+    loaded into llama.cpp), or None: the one shipped for this model file, if any."""
+    from .scoring import LoraAdapter
+
+    if spec is None:
+        spec = shipped_module(model_path)
+        if spec is None:
+            return None
+    elif not isinstance(spec, (str, os.PathLike)):
+        raise ValueError(f"kv_lookahead must be the path of a converted lookahead module or None, got {spec!r}")
+    module = LookaheadFile.load(spec)
+    module.check_model(BaseModel.read(model_path))
+    try:
+        adapter = LoraAdapter(model, spec)
+    except ValueError as error:
+        raise LookaheadModuleError(f"kv_lookahead={str(spec)!r}: {error}") from None
+    return LookaheadRuntime(file=module, adapter=adapter)

@@ -129,9 +129,11 @@ def test_every_policy_has_a_default_granularity_it_can_select():
     """Without kv_granularity each policy gets its own: snapkv per head (as kvpress's SnapKVPress), kvzip per token
     (ahead of equal per-head budgets in docs/benchmarks/kvzip*), streaming per token (its scores are positional),
     h2o per token (an eviction every step then reuses its holes instead of compacting), kvzip-head per token (its
-    scores are positional; which heads keep the context is its tiers' doing)."""
+    scores are positional; which heads keep the context is its tiers' doing), lookahead per head (as snapkv: its
+    scores are attention per KV head)."""
     assert {name: validate_settings(name).granularity for name in POLICIES} == {
-        "snapkv": "head", "kvzip": "token", "streaming": "token", "h2o": "token", "kvzip-head": "token"}
+        "snapkv": "head", "kvzip": "token", "streaming": "token", "h2o": "token", "kvzip-head": "token",
+        "lookahead": "head"}
     for policy in POLICIES.values():
         assert policy.default_granularity in GRANULARITIES
         assert policy.scores_per_head or policy.default_granularity == "token"

@@ -7,6 +7,7 @@ from .base import Policy
 from .h2o import H2OPolicy
 from .kvzip import KVzipPolicy
 from .kvzip_head import KVzipHeadPolicy
+from .lookahead import LookaheadPolicy
 from .snapkv import SnapKVPolicy
 from .streaming import StreamingPolicy
 
@@ -14,6 +15,7 @@ POLICIES: dict[str, type[Policy]] = {
     H2OPolicy.name: H2OPolicy,
     KVzipPolicy.name: KVzipPolicy,
     KVzipHeadPolicy.name: KVzipHeadPolicy,
+    LookaheadPolicy.name: LookaheadPolicy,
     SnapKVPolicy.name: SnapKVPolicy,
     StreamingPolicy.name: StreamingPolicy,
 }

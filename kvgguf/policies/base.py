@@ -18,6 +18,7 @@ import numpy.typing as npt
 from ..engine import CellState
 
 if TYPE_CHECKING:
+    from ..lookahead import LookaheadRuntime
     from ..head_profile import HeadProfile
     from ..scoring import ScoringContext
     from ..settings import EvictionSettings
@@ -49,9 +50,13 @@ class Policy(ABC):
     head_profile_use: ClassVar[str | None] = None
     # True if ``plan_tiers`` groups the profile's per-head budgets into ``settings.tiers`` tiers (kv_tiers)
     budget_tiers: ClassVar[bool] = False
+    # True if the policy scores with a trained LookaheadKV module of the model (kv_lookahead): the controller
+    # sets ``lookahead`` before the policy scores
+    uses_lookahead: ClassVar[bool] = False
 
     def __init__(self, settings: EvictionSettings) -> None:
         self.settings = settings
+        self.lookahead: LookaheadRuntime | None = None
 
     # --- prefill time -------------------------------------------------------------------------------------------
 
