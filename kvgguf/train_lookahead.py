@@ -394,8 +394,33 @@ def train(settings: TrainSettings) -> Path:
         base={"architecture": model.architecture, "name": model.name,
               "fingerprint": file_fingerprint(settings.model)})
     out = module.save(settings.output)
-    logger.info("wrote %s (%.0f s in all)", out, time.perf_counter() - t0)
+    plot_log(log_path, work / "loss.png")
+    logger.info("wrote %s (%.0f s in all; the loss curve in %s)", out, time.perf_counter() - t0, work / "loss.png")
     return out
+
+
+def plot_log(log_path: Path, png: Path) -> None:
+    """The training and held-out KL of ``train.log.jsonl`` against the step, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+    train = [(r["step"], r["train_kl"]) for r in records if "train_kl" in r]
+    heldout = [(r["step"], r["heldout_kl"]) for r in records if "heldout_kl" in r]
+    figure, axes = plt.subplots(figsize=(6, 3.5))
+    if train:
+        axes.plot(*zip(*train), label="training batch", alpha=0.6)
+    if heldout:
+        axes.plot(*zip(*heldout), marker="o", label="held-out")
+    axes.set_xlabel("step")
+    axes.set_ylabel("KL(target || lookahead)")
+    axes.set_title("LookaheadKV training")
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(png, dpi=120)
+    plt.close(figure)
 
 
 # --- the command ------------------------------------------------------------------------------------------------

@@ -100,6 +100,7 @@ def test_a_short_training_run_writes_a_module_and_resumes(tmp_path, model_path):
     assert any(np.abs(b).max() > 0 for _, b in module.lora.values())  # B started at zero and was trained
     log = [json.loads(line) for line in (tmp_path / "lookahead.safetensors.work" / "train.log.jsonl").open()]
     assert [record["step"] for record in log] == [0, 1, 2]
+    assert (tmp_path / "lookahead.safetensors.work" / "loss.png").stat().st_size > 0
     assert all(np.isfinite(record["heldout_kl"]) and record["heldout_kl"] > 0 for record in log)
 
     assert kvgguf.cli.main(argv[:-6] + ["--epochs", "3", "--batch", "2", "--eval-every", "1"]) == 0
