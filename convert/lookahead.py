@@ -31,6 +31,7 @@ logger = logging.getLogger(__name__)
 ADAPTER_EXTRA_PREFIX_KEY = "adapter.extra_prefix"
 # architectures whose q and k rows llama.cpp's converter permutes for RoPE (LlamaModel.permute)
 PERMUTED_ARCHITECTURES = ("llama",)
+OUTTYPES = {"f32": np.float32, "f16": np.float16}
 
 
 def rope_permute(rows: npt.NDArray[np.float32], n_head: int) -> npt.NDArray[np.float32]:
@@ -69,8 +70,13 @@ def gguf_tensors(module: LookaheadModule, base: BaseModel) -> dict[str, npt.NDAr
 
 
 def convert(module_path: str | os.PathLike[str], base_path: str | os.PathLike[str],
-            out_path: str | os.PathLike[str], embeddings: str | os.PathLike[str] | None = None) -> Path:
-    """Convert the module at ``module_path`` for the base model GGUF at ``base_path`` into ``out_path``."""
+            out_path: str | os.PathLike[str], embeddings: str | os.PathLike[str] | None = None,
+            outtype: str = "f32") -> Path:
+    """Convert the module at ``module_path`` for the base model GGUF at ``base_path`` into ``out_path``, its
+    tensors in ``outtype`` ("f32", or "f16": half the size, as llama.cpp's own LoRA converter offers)."""
+    if outtype not in OUTTYPES:
+        raise LookaheadModuleError(f"outtype must be one of {sorted(OUTTYPES)}, got {outtype!r}")
+    dtype = OUTTYPES[outtype]
     gguf = gguf_module()
     module = load_module(module_path, embeddings)
     base = BaseModel.read(base_path)
@@ -103,9 +109,9 @@ def convert(module_path: str | os.PathLike[str], base_path: str | os.PathLike[st
     writer.add_uint32(GGUF_PREFIX + "base.n_embd", base.n_embd)
     writer.add_uint32(GGUF_PREFIX + "base.n_vocab", base.n_vocab)
     writer.add_string(GGUF_PREFIX + "base.shapes", base.shapes_digest())
-    writer.add_tensor(EMBEDDING_TENSOR, np.ascontiguousarray(module.embeddings, dtype=np.float32))
+    writer.add_tensor(EMBEDDING_TENSOR, np.ascontiguousarray(module.embeddings, dtype=dtype))
     for name, tensor in lora.items():
-        writer.add_tensor(name, tensor)
+        writer.add_tensor(name, tensor.astype(dtype))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -119,10 +125,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("module", help="lookahead.safetensors (kvgguf train-lookahead), or a PEFT LoRA folder")
     parser.add_argument("--base", required=True, help="the base model's GGUF file")
     parser.add_argument("-o", "--output", required=True, help="the lookahead module GGUF to write")
+    parser.add_argument("--outtype", choices=sorted(OUTTYPES), default="f32",
+                        help="tensor type of the output (f16: half the size)")
     parser.add_argument("--embeddings", help="with a PEFT folder: the safetensors file of the lookahead embeddings "
                                              "(default: the folder's only other *.safetensors file)")
 
 
 def main(args: argparse.Namespace) -> int:
-    print(convert(args.module, args.base, args.output, args.embeddings))
+    print(convert(args.module, args.base, args.output, args.embeddings, args.outtype))
     return 0
