@@ -351,7 +351,7 @@ class LookaheadFile:
 
 # --- at run time ------------------------------------------------------------------------------------------------
 
-# modules that ship with the package (made by `kvgguf train-lookahead` + `kvgguf convert lookahead`, docs/lookahead/)
+# modules that ship with the package (made by `kvgguf train-lookahead` + `kvgguf convert lookahead`; docs/lookahead/)
 SHIPPED_DIR = Path(__file__).with_name("lookahead_modules")
 
 
