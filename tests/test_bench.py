@@ -7,6 +7,7 @@ import math
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from kvgguf._native import LIB_DIR
@@ -227,6 +228,24 @@ def test_paired_comparison_with_kvpress_counts_each_sample_once():
     assert paired_with_kvpress(rows) == [paired]  # seeded: the same rows give the same interval
 
 
+def test_paired_comparison_against_a_reference_policy():
+    from kvgguf.bench.accuracy import paired_with
+
+    def row(policy: str, seed: int, score: float, keep: float = 0.2) -> dict:
+        return {"setting": "query-aware", "policy": policy, "keep": keep, "task": "prose_niah", "length": 1024,
+                "seed": seed, "score": score}
+
+    rows = [row("lookahead", seed, 1.0) for seed in range(5)] + [row("snapkv", seed, s) for seed, s in
+                                                                  enumerate([0.0, 1.0, 0.0, 0.0, 0.0])]
+    rows += [row("streaming", 0, 0.0), row("kvpress:snapkv", 0, 1.0), row("full", 0, 1.0, keep=1.0)]
+    result = {(p["policy"], p["partner"]): p for p in paired_with(rows, "snapkv")}
+    assert sorted(result) == [("lookahead", "snapkv"), ("streaming", "snapkv")]  # not itself, kvpress or full
+    lookahead = result[("lookahead", "snapkv")]
+    assert (lookahead["n"], lookahead["n_differ"], lookahead["difference"]) == (5, 4, 0.8)
+    assert 0.0 < lookahead["ci95"][0] < 0.8 < lookahead["ci95"][1] <= 1.0  # all five draws equal: P = 0.2**5
+    assert result[("streaming", "snapkv")]["n"] == 1
+
+
 def test_bench_accuracy_runs_of_disjoint_seeds_merge_into_one(tmp_path, model_path, capsys):
     arguments = ["bench", "accuracy", "-m", model_path, "--tasks", "niah_single", "--lengths", "256", "--keeps",
                  "1.0,0.5", "--policies", "streaming", "--settings", "query-agnostic"]
@@ -253,6 +272,10 @@ def test_bench_accuracy_runs_of_disjoint_seeds_merge_into_one(tmp_path, model_pa
     both = json.loads((tmp_path / "both" / "accuracy.json").read_text())
     assert both["rows"] == merged["rows"] and both["summary"] == merged["summary"]
     assert "Merged from runs of disjoint seeds" in (tmp_path / "merged" / "accuracy.md").read_text()
+    # a paired comparison needs two policies; one that was not run is refused by name
+    with pytest.raises(SystemExit):
+        main(["bench", "merge-accuracy", *files, "--paired-against", "snapkv", "-o", str(tmp_path / "pairs")])
+    assert "--paired-against 'snapkv' is not one of the policies run" in capsys.readouterr().err
 
     # the same seeds twice, or another configuration: refused by name, nothing written
     capsys.readouterr()
@@ -281,3 +304,43 @@ def test_bench_without_its_extra_says_which_to_install(model_path, capsys, monke
         main(["bench", "speed", "-m", model_path, "--lengths", "256"])
     assert exit_info.value.code == 2
     assert "pip install 'kvgguf[bench]'" in capsys.readouterr().err
+
+
+def test_score_quality_measures():
+    from kvgguf.bench.scores import kl_divergence, top_recall
+
+    truth = np.array([[0.5, 0.3, 0.1, 0.1] + [0.0] * 16])
+    assert kl_divergence(truth, truth * 3.0)[0] == pytest.approx(0.0, abs=1e-6)  # scores are normalized first
+    assert kl_divergence(truth, np.ones_like(truth))[0] == pytest.approx(
+        math.log(20) + (truth[truth > 0] * np.log(truth[truth > 0])).sum(), abs=1e-6)
+    # top 10% of 20 cells = the 2 largest: cells 0 and 1
+    assert top_recall(truth, np.arange(20.0)[::-1][None])[0] == 1.0
+    assert top_recall(truth, np.array([[0.9, 0.0, 0.8] + [0.1] * 17]))[0] == 0.5
+    assert top_recall(truth, np.arange(20.0)[None])[0] == 0.0
+
+
+def test_bench_scores_judges_each_policy_on_held_out_answers(tmp_path, model_path):
+    """Two held-out prompts with 24-token answers: every policy's KL and recall, random at about 10%."""
+    out = tmp_path / "scores"
+    assert main(["bench", "scores", "-m", model_path, "--examples", "2", "--max-response", "24", "--policies",
+                 "lookahead,snapkv,streaming", "--data", str(tmp_path / "data"), "-o", str(out)]) == 0
+    results = json.loads((out / "scores.json").read_text())
+    schema.check("scores", results)
+    assert len(list((tmp_path / "data" / "heldout").glob("*.npz"))) == 2  # cached for the next run
+    overall = {s["policy"]: s for s in results["summary"] if s["kind"] == "all"}
+    assert sorted(overall) == ["lookahead", "random", "snapkv", "streaming"]
+    assert all(0.0 <= s["recall"] <= 1.0 and s["n"] == 2 for s in overall.values())
+    assert overall["random"]["recall"] == pytest.approx(0.1, abs=0.03)
+    assert overall["streaming"]["kl"] is None  # its scores are positions, not attention
+    assert overall["lookahead"]["kl"] < overall["random"]["kl"] and overall["snapkv"]["kl"] < overall["random"]["kl"]
+    assert {p["policy"] for p in results["paired"]} == {"lookahead", "streaming", "random"}
+    assert (out / "scores.png").stat().st_size > 0 and "recall@10%" in (out / "scores.md").read_text()
+
+
+def test_bench_scores_refuses_bad_arguments_by_name(model_path, capsys):
+    for arguments, message in ((["--policies", "lookahead,nope"], "unknown policy 'nope'"),
+                               (["--paired-against", "kvzip", "--policies", "snapkv"], "--paired-against 'kvzip'"),
+                               (["--examples", "0"], "--examples must be >= 1, got 0")):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["bench", "scores", "-m", model_path, *arguments])
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err

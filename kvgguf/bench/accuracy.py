@@ -13,7 +13,7 @@ import itertools
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
@@ -158,35 +158,62 @@ def kvpress_twin(policy: str) -> str | None:
     return None
 
 
-def paired_with_kvpress(rows: list[dict[str, Any]], resamples: int = 10_000) -> list[dict[str, Any]]:
-    """Ours against kvpress's same selection, answer by answer: per (setting, policy, keep < 1), the samples both
-    answered (same task, length and seed), both means, the mean difference (ours - kvpress) with a 95% paired
-    bootstrap interval (seeded: the same rows give the same interval), and how many answers scored differently."""
+def paired(rows: list[dict[str, Any]], partner_of: Callable[[str], str | None],
+           resamples: int = 10_000) -> list[dict[str, Any]]:
+    """Each policy against its partner (``partner_of(policy)``, None: none), answer by answer: per (setting,
+    policy, keep < 1), the samples both answered (same task, length and seed), both means, the mean difference
+    (policy - partner) with a 95% paired bootstrap interval (seeded: the same rows give the same interval), and how
+    many answers scored differently."""
     scores = {(r["setting"], r["policy"], r["keep"], r["task"], r["length"], r["seed"]): r["score"] for r in rows}
     rng = np.random.default_rng(0)
     out = []
     configs = {(r["setting"], r["policy"], r["keep"]) for r in rows if r["keep"] < 1.0}
     for setting, policy, keep in sorted(configs, key=lambda c: (c[0], c[1], -c[2])):
-        twin = kvpress_twin(policy)
-        if twin is None:
+        partner = partner_of(policy)
+        if partner is None or partner == policy:
             continue
-        pairs = [(value, scores[(setting, twin, keep) + key[3:]]) for key, value in scores.items()
-                 if key[:3] == (setting, policy, keep) and (setting, twin, keep) + key[3:] in scores]
+        pairs = [(value, scores[(setting, partner, keep) + key[3:]]) for key, value in scores.items()
+                 if key[:3] == (setting, policy, keep) and (setting, partner, keep) + key[3:] in scores]
         if not pairs:
             continue
         ours, theirs = np.array(pairs, dtype=np.float64).T
         diff = ours - theirs
         means = diff[rng.integers(0, diff.size, size=(resamples, diff.size))].mean(axis=1)
         low, high = np.quantile(means, [0.025, 0.975])
-        out.append({"setting": setting, "policy": policy, "kvpress": twin, "keep": keep, "n": int(diff.size),
+        out.append({"setting": setting, "policy": policy, "partner": partner, "keep": keep, "n": int(diff.size),
                     "ours": float(ours.mean()), "theirs": float(theirs.mean()), "difference": float(diff.mean()),
                     "ci95": [float(low), float(high)], "n_differ": int(np.count_nonzero(diff))})
     return out
 
 
+def paired_with_kvpress(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Ours against kvpress's same selection (``kvpress_twin``), answer by answer (see ``paired``)."""
+    return [{**{k: v for k, v in p.items() if k != "partner"}, "kvpress": p["partner"]}
+            for p in paired(rows, kvpress_twin)]
+
+
+def paired_with(rows: list[dict[str, Any]], reference: str) -> list[dict[str, Any]]:
+    """Every other policy of ours against ``reference`` (``--paired-against``), answer by answer (see
+    ``paired``)."""
+    return paired(rows, lambda policy: None if policy.startswith("kvpress:") else reference)
+
+
+def paired_table(title: str, intro: str, partner_key: str, partner_header: str,
+                 entries: list[dict[str, Any]]) -> list[str]:
+    """A markdown section of ``paired`` comparisons."""
+    lines = [f"## {title}", "", intro, "",
+             f"| setting | policy | {partner_header} | keep | n | policy mean | {partner_header} mean | difference | "
+             "95% interval | differ |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {p['setting']} | {p['policy']} | {p[partner_key]} | {p['keep']} | {p['n']} | {p['ours']:.3f} | "
+              f"{p['theirs']:.3f} | {p['difference']:+.3f} | [{p['ci95'][0]:+.3f}, {p['ci95'][1]:+.3f}] | "
+              f"{p['n_differ']} |" for p in entries]
+    return lines + [""]
+
+
 def markdown(summary: list[dict[str, Any]], env: dict[str, Any],
              correlation_summary: list[dict[str, Any]] | None = None,
-             paired: list[dict[str, Any]] | None = None) -> str:
+             kvpress_paired: list[dict[str, Any]] | None = None,
+             reference_paired: list[dict[str, Any]] | None = None) -> str:
     lines = ["# kvgguf bench accuracy", "",
              f"`{env['command']}` — commit `{env['commit']}`, {env['cpu']}, {env['threads']} threads.", "",
              "Accuracy (fraction of expected answers found, greedy decoding), n = samples per cell. kv_keep is the "
@@ -220,17 +247,19 @@ def markdown(summary: list[dict[str, Any]], env: dict[str, Any],
             lines.append(f"| {policy} | {keep} | {length} | " + " | ".join(cells) +
                          f" | {sum(values) / len(values):.2f} |")
         lines.append("")
-    if paired:
-        lines += ["## Beside kvpress's same selection, answer by answer", "",
-                  "Each of our answers against kvpress's on the same sample (task, length, seed), pooled over the "
-                  "tasks: means, their difference (ours - kvpress) with a 95% paired bootstrap interval, and the "
-                  "number of answers that scored differently.", "",
-                  "| setting | policy | kvpress | keep | n | ours | kvpress | difference | 95% interval | differ |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
-        lines += [f"| {p['setting']} | {p['policy']} | {p['kvpress']} | {p['keep']} | {p['n']} | {p['ours']:.3f} | "
-                  f"{p['theirs']:.3f} | {p['difference']:+.3f} | [{p['ci95'][0]:+.3f}, {p['ci95'][1]:+.3f}] | "
-                  f"{p['n_differ']} |" for p in paired]
-        lines.append("")
+    if kvpress_paired:
+        lines += paired_table("Beside kvpress's same selection, answer by answer",
+                              "Each of our answers against kvpress's on the same sample (task, length, seed), "
+                              "pooled over the tasks: means, their difference (ours - kvpress) with a 95% paired "
+                              "bootstrap interval, and the number of answers that scored differently.",
+                              "kvpress", "kvpress", kvpress_paired)
+    if reference_paired:
+        reference = reference_paired[0]["partner"]
+        lines += paired_table(f"Beside {reference}, answer by answer",
+                              f"Each policy's answers against {reference}'s on the same samples (task, length, "
+                              f"seed), pooled over the tasks: means, their difference (policy - {reference}) with "
+                              "a 95% paired bootstrap interval, and the number of answers that scored "
+                              "differently.", "partner", "reference", reference_paired)
     if correlation_summary:
         lines += ["## Score rank correlation with kvpress", "",
                   "Spearman correlation between our per-cell scores and kvpress's for the same prompt (the first "
@@ -274,7 +303,7 @@ def main(args: argparse.Namespace) -> int:
     lengths = args.lengths or profile["lengths"]
     keeps = args.keeps or profile["keeps"]
     samples = args.samples or profile["samples"]
-    check_arguments(args.tasks, args.policies, keeps, args.settings, lengths)
+    check_arguments(args.tasks, args.policies, keeps, args.settings, lengths, args.paired_against)
     llm = Llama(model, n_ctx=report.cells_for(args.policies, max(lengths) + 256),
                 n_batch=512, n_threads=args.threads,
                 n_threads_batch=args.threads, verbose=False)
@@ -289,6 +318,8 @@ def main(args: argparse.Namespace) -> int:
     results.update(summary=summarize(rows), rows=rows, environment=env)
     if args.compare == "kvpress":
         results["kvpress_paired"] = paired_with_kvpress(rows)
+    if args.paired_against is not None:
+        results.update(paired_against=args.paired_against, paired=paired_with(rows, args.paired_against))
     publish(results, Path(args.output))
     return 0
 
@@ -298,16 +329,17 @@ def publish(results: dict[str, Any], output: Path) -> list[Path]:
     env = results["environment"]
     return report.publish("accuracy", results,
                           lambda: markdown(results["summary"], env, results.get("correlation_summary"),
-                                           results.get("kvpress_paired")),
+                                           results.get("kvpress_paired"), results.get("paired")),
                           lambda path: plot(results["summary"], path), output, env["threads"])
 
 
 ROW_KEY = ("setting", "policy", "keep", "task", "length", "seed")
 
 
-def merge(parts: list[dict[str, Any]], names: list[str]) -> dict[str, Any]:
+def merge(parts: list[dict[str, Any]], names: list[str], reference: str | None = None) -> dict[str, Any]:
     """One result from ``bench accuracy`` results of the same configuration over disjoint seeds (``names`` label
-    the parts in errors): the rows of all, the summary and the paired comparison recomputed over them, kvpress's
+    the parts in errors): the rows of all, the summary and the paired comparisons recomputed over them (against
+    ``reference`` too, or the parts' ``--paired-against``), kvpress's
     score correlations from the first part that has them. Raises ValueError naming the part that does not fit."""
     if not parts:
         raise ValueError("nothing to merge: give at least one accuracy.json")
@@ -337,13 +369,16 @@ def merge(parts: list[dict[str, Any]], names: list[str]) -> dict[str, Any]:
     rows = [row for part in parts for row in part["rows"]]
     seeds = sorted({row["seed"] for row in rows})
     merged: dict[str, Any] = {key: value for key, value in first.items()
-                              if key not in ("rows", "summary", "kvpress_paired", "environment")}
+                              if key not in ("rows", "summary", "kvpress_paired", "paired", "environment")}
     for part in parts:
         if "correlation_summary" in part and "correlation_summary" not in merged:
             merged.update({key: part[key] for key in ("kvpress_version", "correlations", "correlation_summary")})
     merged.update(samples=len(seeds), first_seed=seeds[0], rows=rows, summary=summarize(rows))
     if any(row["policy"].startswith("kvpress:") for row in rows):
         merged["kvpress_paired"] = paired_with_kvpress(rows)
+    reference = reference or first.get("paired_against")
+    if reference is not None:
+        merged.update(paired_against=reference, paired=paired_with(rows, reference))
     environment = report.environment(first["environment"]["threads"])
     environment["parts"] = [{"file": name, **{key: part["environment"].get(key) for key in
                                               ("command", "commit", "date", "load_average", "load_average_end")}}
@@ -360,12 +395,15 @@ def merge_main(args: argparse.Namespace) -> int:
             parts.append(json.loads(Path(path).read_text()))
         except (OSError, json.JSONDecodeError) as error:
             raise ValueError(f"cannot read accuracy results {path!r}: {error}")
-    publish(merge(parts, list(args.results)), Path(args.output))
+    if args.paired_against is not None:
+        check_reference(args.paired_against, sorted({row["policy"] for part in parts for row in part["rows"]}))
+    publish(merge(parts, list(args.results), args.paired_against), Path(args.output))
     return 0
 
 
 def add_merge_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("results", nargs="+", help="accuracy.json files of runs that differ only in their seeds")
+    parser.add_argument("--paired-against", metavar="POLICY", help=PAIRED_HELP)
     parser.add_argument("-o", "--output", default=str(report.DEFAULT_OUTPUT), help="folder for JSON/markdown/PNG")
 
 
@@ -394,9 +432,21 @@ def compare_kvpress(model: str, llm: Llama, jobs: list[tuple[Sample, PromptToken
     return rows
 
 
+PAIRED_HELP = ("also compare every other policy with this one (one of --policies), answer by answer, with 95%% "
+               "paired bootstrap intervals")
+
+
+def check_reference(reference: str, policies: list[str]) -> None:
+    """ValueError unless ``reference`` (--paired-against) is one of the policies run."""
+    if reference not in policies:
+        raise ValueError(f"--paired-against {reference!r} is not one of the policies run: {policies}")
+
+
 def check_arguments(tasks: list[str], policies: list[str], keeps: list[float], settings: list[str],
-                    lengths: list[int]) -> None:
+                    lengths: list[int], reference: str | None = None) -> None:
     """Raise ValueError naming the first bad value, before anything is loaded."""
+    if reference is not None:
+        check_reference(reference, policies)
     for task in tasks:
         if task not in TASKS:
             raise ValueError(f"unknown task {task!r}; known: {sorted(TASKS)}")
@@ -441,5 +491,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "into runs of disjoint seeds and their results merged with 'kvgguf bench merge-accuracy'")
     parser.add_argument("--compare", choices=["kvpress"], help="also run kvpress's presses (PyTorch, masking) on the "
                         "same model and prompts; needs the [compare] extra")
+    parser.add_argument("--paired-against", metavar="POLICY", help=PAIRED_HELP)
     parser.add_argument("--kvpress-methods", type=lambda t: t.split(","), default=["snapkv", "streaming", "kvzip"],
                         help="kvpress presses to run with --compare (named like our policies)")

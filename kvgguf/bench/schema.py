@@ -30,6 +30,14 @@ SCHEMAS: dict[str, dict[str, set[str]]] = {
         "ratios": {"length"},
         "remove_scattered": {"length", "cells", "freed", "remove_s", "compact_s"},
     },
+    "scores": {
+        "top": {"schema_version", "model", "examples", "policies", "top_fraction", "summary", "paired", "rows",
+                "environment"},
+        "summary": {"policy", "kind", "n", "kl", "kl_ci95", "recall", "recall_ci95"},
+        "paired": {"policy", "reference", "n", "recall_gain", "recall_gain_ci95", "kl_reduction",
+                   "kl_reduction_ci95"},
+        "rows": {"seed", "kind", "prompt_tokens", "response_tokens", "policy", "kl", "recall"},
+    },
     "memory": {
         "top": {"schema_version", "model", "task", "n_ctx", "factor", "n_prompt_target", "keep", "seed", "rows",
                 "environment"},

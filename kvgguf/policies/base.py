@@ -57,6 +57,10 @@ class Policy(ABC):
     def __init__(self, settings: EvictionSettings) -> None:
         self.settings = settings
         self.lookahead: LookaheadRuntime | None = None
+        # for policies whose scores are attention: the attention behind the last score(), before pooling,
+        # [n_layer, n_head_kv, n_cells] (the share each cell got; `kvgguf bench scores` compares it with the
+        # answer's); None for the others
+        self.last_attention: npt.NDArray[np.float32] | None = None
 
     # --- prefill time -------------------------------------------------------------------------------------------
 

@@ -53,7 +53,8 @@ class LookaheadPolicy(Policy):
         return attention / np.maximum(total, np.float32(1e-30))
 
     def score(self, scoring: ScoringContext) -> npt.NDArray[np.float32]:
-        return maxpool1d(self.attention(scoring), self._module().file.pool_kernel)
+        self.last_attention = self.attention(scoring)
+        return maxpool1d(self.last_attention, self._module().file.pool_kernel)
 
     def scoring_forward(self, scoring: ScoringContext) -> None:
         module = self._module()

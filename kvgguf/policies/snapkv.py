@@ -36,4 +36,5 @@ class SnapKVPolicy(Policy):
         if attention is None:
             # the controller lets observers decode before every eviction; refuse rather than evict blindly
             raise RuntimeError("snapkv needs attention scores, but the tap observed no query")
+        self.last_attention = attention
         return maxpool1d(attention, POOL_KERNEL)
