@@ -28,7 +28,7 @@ from .lookahead import LookaheadRuntime, resolve_lookahead
 from .models import check_gguf_file
 from .policies import POLICIES
 from .scoring import ScoringContext
-from .settings import DEFAULT_SINK, DEFAULT_WINDOW, EvictionSettings, validate_settings
+from .settings import DEFAULT_SINK, EvictionSettings, validate_settings
 
 SEQ_ID = 0  # llama_cpp.Llama decodes everything into sequence 0
 
@@ -76,7 +76,8 @@ class Llama(llama_cpp.Llama):
         kv_eviction: policy name (see ``kvgguf.policies.POLICIES``) or None for no eviction.
         kv_keep: fraction of the evictable prompt cells kept, 0 < r <= 1 (default 0.5 when no budget is given).
         kv_budget: absolute number of cells kept instead of a fraction.
-        kv_window: most recent cells that are never evicted (and SnapKV's observation window).
+        kv_window: most recent cells that are never evicted (and SnapKV's observation window); default 32
+            (LazyEviction: its kv_lazy_window).
         kv_sink: first cells that are never evicted (attention sinks).
         kv_granularity: "head" (each KV head keeps its own tokens; needs a policy that scores per head) or
             "token" (one decision per token); default: the policy's (snapkv head, kvzip token).
@@ -89,6 +90,11 @@ class Llama(llama_cpp.Llama):
             faster and follow the profile less closely.
         kv_lookahead: (kv_eviction="lookahead") the path of a LookaheadKV module converted for this model
             (`kvgguf train-lookahead`, `kvgguf convert lookahead`); None: the one shipped for this model file.
+        kv_lazy_window: (kv_eviction="lazy") LazyEviction's observation window W: every W decoded tokens the
+            cache goes back to the budget, keeping the W most recent cells (default 128); the cache holds at
+            most budget + W cells.
+        kv_lazy_alpha: (kv_eviction="lazy") the attention probability that counts as attending a cell, in
+            (0, 1) (default 1e-4).
 
     With a policy, prompts longer than ``n_ctx`` are prefilled in chunks with eviction between chunks, and
     generation that fills the cache evicts again instead of failing; positions may run up to
@@ -96,12 +102,13 @@ class Llama(llama_cpp.Llama):
     """
 
     def __init__(self, model_path: str, *args: Any, kv_eviction: str | None = None, kv_keep: float | None = None,
-                 kv_budget: int | None = None, kv_window: int = DEFAULT_WINDOW, kv_sink: int = DEFAULT_SINK,
+                 kv_budget: int | None = None, kv_window: int | None = None, kv_sink: int = DEFAULT_SINK,
                  kv_granularity: str | None = None, kv_evict_every: int | None = None,
                  kv_head_profile: str | os.PathLike[str] | None = AUTO, kv_tiers: int | None = None,
-                 kv_lookahead: str | os.PathLike[str] | None = None, **kwargs: Any) -> None:
+                 kv_lookahead: str | os.PathLike[str] | None = None, kv_lazy_window: int | None = None,
+                 kv_lazy_alpha: float | None = None, **kwargs: Any) -> None:
         settings = validate_settings(kv_eviction, kv_keep, kv_budget, kv_window, kv_sink, kv_granularity,
-                                     kv_evict_every, kv_tiers)
+                                     kv_evict_every, kv_tiers, kv_lazy_window, kv_lazy_alpha)
         check_gguf_file(model_path)
         if kwargs.get("vocab_only"):
             # llama-cpp-python still creates a context, which llama.cpp aborts on for a weightless model
@@ -137,15 +144,16 @@ class Llama(llama_cpp.Llama):
     # --- configuration -----------------------------------------------------------------------------------------
 
     def configure_kv_eviction(self, kv_eviction: str | None, kv_keep: float | None = None,
-                              kv_budget: int | None = None, kv_window: int = DEFAULT_WINDOW,
+                              kv_budget: int | None = None, kv_window: int | None = None,
                               kv_sink: int = DEFAULT_SINK, kv_granularity: str | None = None,
                               kv_evict_every: int | None = None,
                               kv_head_profile: str | os.PathLike[str] | None = AUTO,
                               kv_tiers: int | None = None,
-                              kv_lookahead: str | os.PathLike[str] | None = None) -> None:
+                              kv_lookahead: str | os.PathLike[str] | None = None,
+                              kv_lazy_window: int | None = None, kv_lazy_alpha: float | None = None) -> None:
         """Change the eviction settings of a loaded model; on ValueError the old settings stay in force."""
         settings = validate_settings(kv_eviction, kv_keep, kv_budget, kv_window, kv_sink, kv_granularity,
-                                     kv_evict_every, kv_tiers)
+                                     kv_evict_every, kv_tiers, kv_lazy_window, kv_lazy_alpha)
         profile = resolve_profile(kv_head_profile, self.model_path, self.model_identity())
         self.kv_controller.configure(settings, head_profile=profile,
                                      lookahead=self._lookahead_for(kv_lookahead, settings))

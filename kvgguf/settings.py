@@ -16,6 +16,11 @@ GRANULARITIES = ("token", "head")
 # one more attention and a concat, so fewer tiers decode faster
 DEFAULT_TIERS = 3
 MAX_TIERS = 8
+# LazyEviction: the observation window W (recent cells kept; decoded tokens between two evictions) and the
+# attention probability that counts as attending. The paper picks W to cover 80% of the recurrence intervals
+# measured on its model (175 for Qwen on MATH-500); 1e-4 is its reference port's alpha
+DEFAULT_LAZY_WINDOW = 128
+DEFAULT_LAZY_ALPHA = 1e-4
 
 
 @dataclass(frozen=True)
@@ -35,6 +40,8 @@ class EvictionSettings:
     granularity_given: bool = True
     # tiers the head profile's budgets are grouped into (policies with budget_tiers; others ignore it)
     tiers: int = DEFAULT_TIERS
+    # the attention probability that counts as attending a cell (policies that track recurrence)
+    lazy_alpha: float = DEFAULT_LAZY_ALPHA
 
     def policy(self) -> Policy:
         """A new instance of the policy, with no cell state yet."""
@@ -66,14 +73,16 @@ def _require(policy: str, attribute: str, option: str, what: str) -> None:
 
 
 def validate_settings(kv_eviction: str | None, kv_keep: float | None = None, kv_budget: int | None = None,
-                      kv_window: int = DEFAULT_WINDOW, kv_sink: int = DEFAULT_SINK,
+                      kv_window: int | None = None, kv_sink: int = DEFAULT_SINK,
                       kv_granularity: str | None = None, kv_evict_every: int | None = None,
-                      kv_tiers: int | None = None) -> EvictionSettings | None:
+                      kv_tiers: int | None = None, kv_lazy_window: int | None = None,
+                      kv_lazy_alpha: float | None = None) -> EvictionSettings | None:
     """Check the user's eviction arguments; returns None when eviction is off."""
     if kv_eviction is None:
-        if any(value is not None for value in (kv_keep, kv_budget, kv_granularity, kv_evict_every, kv_tiers)):
-            raise ValueError("kv_keep / kv_budget / kv_granularity / kv_evict_every / kv_tiers need a kv_eviction "
-                             f"policy (one of {sorted(POLICIES)})")
+        if any(value is not None for value in (kv_keep, kv_budget, kv_granularity, kv_evict_every, kv_tiers,
+                                               kv_lazy_window, kv_lazy_alpha)):
+            raise ValueError("kv_keep / kv_budget / kv_granularity / kv_evict_every / kv_tiers / kv_lazy_window / "
+                             f"kv_lazy_alpha need a kv_eviction policy (one of {sorted(POLICIES)})")
         return None
     if not isinstance(kv_eviction, str) or kv_eviction not in POLICIES:
         raise ValueError(f"unknown kv_eviction policy {kv_eviction!r}; known: {sorted(POLICIES)}")
@@ -93,7 +102,27 @@ def validate_settings(kv_eviction: str | None, kv_keep: float | None = None, kv_
             raise ValueError(f"kv_keep must be in (0, 1] (the fraction of cells kept), got {value!r}")
         keep = float(value)
 
-    window = _check_int("kv_window", kv_window, 0)
+    lazy_alpha = DEFAULT_LAZY_ALPHA
+    if kv_lazy_window is not None or kv_lazy_alpha is not None:
+        option = "kv_lazy_window" if kv_lazy_window is not None else "kv_lazy_alpha"
+        _require(kv_eviction, "tracks_recurrence", option, "evicts lazily by recurrence")
+    if policy_class.tracks_recurrence:
+        # W is both the recent cells kept and the decoded tokens between two evictions
+        if kv_lazy_window is not None and kv_window is not None and kv_lazy_window != kv_window:
+            raise ValueError(f"kv_lazy_window={kv_lazy_window!r} and kv_window={kv_window!r} differ: for "
+                             f"kv_eviction={kv_eviction!r} they are the same window; give one")
+        if kv_evict_every is not None:
+            raise ValueError(f"kv_eviction={kv_eviction!r} evicts every kv_lazy_window tokens; kv_evict_every="
+                             f"{kv_evict_every!r} does not apply")
+        lazy_window = next(w for w in (kv_lazy_window, kv_window, DEFAULT_LAZY_WINDOW) if w is not None)
+        kv_window = kv_evict_every = _check_int("kv_lazy_window", lazy_window, 1)
+        if kv_lazy_alpha is not None:
+            if isinstance(kv_lazy_alpha, bool) or not isinstance(kv_lazy_alpha, numbers.Real) or not (
+                    0.0 < kv_lazy_alpha < 1.0):
+                raise ValueError(f"kv_lazy_alpha must be a probability in (0, 1), got {kv_lazy_alpha!r}")
+            lazy_alpha = float(kv_lazy_alpha)
+
+    window = _check_int("kv_window", DEFAULT_WINDOW if kv_window is None else kv_window, 0)
     sink = _check_int("kv_sink", kv_sink, 0)
     if budget is not None and budget <= window + sink:
         raise ValueError(f"kv_budget={budget} must exceed the protected cells kv_sink + kv_window = {sink + window}")
@@ -124,4 +153,4 @@ def validate_settings(kv_eviction: str | None, kv_keep: float | None = None, kv_
 
     return EvictionSettings(policy_name=kv_eviction, keep=keep, budget=budget, window=window, sink=sink,
                             granularity=granularity, evict_every=evict_every,
-                            granularity_given=kv_granularity is not None, tiers=tiers)
+                            granularity_given=kv_granularity is not None, tiers=tiers, lazy_alpha=lazy_alpha)

@@ -133,7 +133,7 @@ def test_every_policy_has_a_default_granularity_it_can_select():
     scores are attention per KV head)."""
     assert {name: validate_settings(name).granularity for name in POLICIES} == {
         "snapkv": "head", "kvzip": "token", "streaming": "token", "h2o": "token", "kvzip-head": "token",
-        "lookahead": "head"}
+        "lookahead": "head", "lazy": "head", "tova": "token"}
     for policy in POLICIES.values():
         assert policy.default_granularity in GRANULARITIES
         assert policy.scores_per_head or policy.default_granularity == "token"

@@ -7,17 +7,21 @@ from .base import Policy
 from .h2o import H2OPolicy
 from .kvzip import KVzipPolicy
 from .kvzip_head import KVzipHeadPolicy
+from .lazy import LazyEvictionPolicy
 from .lookahead import LookaheadPolicy
 from .snapkv import SnapKVPolicy
 from .streaming import StreamingPolicy
+from .tova import TOVAPolicy
 
 POLICIES: dict[str, type[Policy]] = {
     H2OPolicy.name: H2OPolicy,
     KVzipPolicy.name: KVzipPolicy,
     KVzipHeadPolicy.name: KVzipHeadPolicy,
+    LazyEvictionPolicy.name: LazyEvictionPolicy,
     LookaheadPolicy.name: LookaheadPolicy,
     SnapKVPolicy.name: SnapKVPolicy,
     StreamingPolicy.name: StreamingPolicy,
+    TOVAPolicy.name: TOVAPolicy,
 }
 
 

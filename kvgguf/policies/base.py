@@ -53,6 +53,9 @@ class Policy(ABC):
     # True if the policy scores with a trained LookaheadKV module of the model (kv_lookahead): the controller
     # sets ``lookahead`` before the policy scores
     uses_lookahead: ClassVar[bool] = False
+    # True if the policy evicts lazily by recurrence (LazyEviction): kv_lazy_window sets its observation window
+    # (the recent cells kept, and the tokens between two evictions) and kv_lazy_alpha its attention threshold
+    tracks_recurrence: ClassVar[bool] = False
 
     def __init__(self, settings: EvictionSettings) -> None:
         self.settings = settings
