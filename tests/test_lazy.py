@@ -178,3 +178,25 @@ def test_bad_lazy_settings_are_refused_by_name(model_path):
         assert out["usage"]["completion_tokens"] == 4
     finally:
         llm.close()
+
+
+def test_completions_run_past_n_ctx_as_without_eviction(model_path):
+    """create_completion with max_tokens beyond n_ctx: 600 tokens in a 256-cell cache, streamed or not, the same
+    text; a stop sequence cuts it as without eviction. (Without a policy llama-cpp-python stops at n_ctx.)"""
+    llm = Llama(model_path, n_ctx=256, n_threads=2, verbose=False, kv_eviction="lazy", kv_budget=128,
+                kv_lazy_window=32)
+    try:
+        arguments = dict(max_tokens=600, temperature=0, repeat_penalty=1.0, logit_bias={llm.token_eos(): -100.0})
+        prompt = "Write a very long story about a lighthouse keeper."
+        out = llm.create_completion(prompt, **arguments)
+        assert out["usage"]["completion_tokens"] == 600 and out["choices"][0]["finish_reason"] == "length"
+        assert llm.kv_stats()["cells_now"] <= 128 + 32
+        text = out["choices"][0]["text"]
+        streamed = "".join(chunk["choices"][0]["text"] for chunk in llm.create_completion(prompt, stream=True,
+                                                                                          **arguments))
+        assert streamed == text
+        stop = text[len(text) // 2:][:12]  # a stretch of the second half (its first occurrence ends the text)
+        cut = llm.create_completion(prompt, stop=[stop], **arguments)
+        assert cut["choices"][0]["finish_reason"] == "stop" and cut["choices"][0]["text"] == text[:text.index(stop)]
+    finally:
+        llm.close()
