@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Regenerate every benchmark result committed under docs/benchmarks/ on the default model (about 7.5 hours on
+# Regenerate every benchmark result committed under docs/benchmarks/ on the default model (about 9 hours on
 # 2 cores; run it alone on the machine: `bench speed` times against an unpatched llama.cpp in the same run).
 # The Qwen long-context results (docs/benchmarks/long/) have their own command in docs/benchmarks/README.md.
 set -euo pipefail
@@ -65,3 +65,13 @@ in_halves docs/benchmarks/tier-count 8 --tasks niah_single,fact_qa,prose_niah,pr
 # ... and our runtime in 2-4 tiers (kv_tiers)
 in_halves docs/benchmarks/tier-count/runtime 8 --tasks niah_single,fact_qa,prose_niah,prose_fact --lengths 1024 \
     --keeps 1.0,0.3,0.2,0.1 --policies kvzip+tiers2,kvzip+tiers3,kvzip+tiers4 --settings query-agnostic
+# LookaheadKV (the module shipped for the default model): query-aware accuracy beside SnapKV, KVzip and
+# StreamingLLM, paired with SnapKV answer by answer; the full cache alone on the two tasks it cannot do; how well
+# each policy's scores foresee the answer's attention on train-lookahead's held-out prompts; its scoring's cost
+in_halves docs/benchmarks/lookahead 20 --tasks niah_single,niah_multikey,niah_multivalue,fact_qa,prose_niah,prose_fact \
+    --lengths 1024 --keeps 1.0,0.5,0.3,0.2,0.1 --policies lookahead,snapkv,kvzip,streaming --settings query-aware \
+    --paired-against snapkv
+"$kvgguf" bench accuracy --tasks common_words,variable_tracking --lengths 1024 --keeps 1.0 --policies lookahead \
+    --samples 20 --settings query-aware -o docs/benchmarks/lookahead/full-cache
+"$kvgguf" bench scores --policies lookahead,snapkv,kvzip -o docs/benchmarks/lookahead
+"$kvgguf" bench speed --policies lookahead,snapkv --no-baseline -o docs/benchmarks/lookahead

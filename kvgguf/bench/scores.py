@@ -205,7 +205,8 @@ def plot(results: dict[str, Any], path: Path) -> Path:
             values = [e[metric] for e in entries]
             errors = np.array([[e[metric] - e[f"{metric}_ci95"][0], e[f"{metric}_ci95"][1] - e[metric]]
                                for e in entries]).T
-            ax.bar(np.arange(len(kinds)) + i * width, values, width, yerr=errors, capsize=2, label=policy)
+            ax.bar(np.arange(len(kinds)) + i * width, values, width, yerr=errors, capsize=2, label=policy,
+                   color=f"C{i}")  # a policy's colour in both panels
         ax.set_xticks(np.arange(len(kinds)) + width * (len(policies) - 1) / 2, kinds, fontsize=8)
         ax.set_ylabel(f"recall of the true top {TOP_FRACTION:.0%}" if metric == "recall" else
                       "KL(truth || attention)")
