@@ -347,7 +347,9 @@ class EvictionController:
         finally:
             self.scoring.stop()
         if attention is not None:
+            start = time.perf_counter()
             policy.observe_step(attention, self.engine.cache.positions(), len(tokens))
+            self.engine.stats.observe_s += time.perf_counter() - start
         return None
 
     def _decode_and_evict_every(self, tokens: list[int]) -> None:

@@ -164,6 +164,7 @@ class KVStats:
     score_s: float = 0.0
     evict_s: float = 0.0
     compact_s: float = 0.0
+    observe_s: float = 0.0         # in the per-step state updates of a policy that observes decoding
     history: list[dict] = field(default_factory=list)
 
     @property

@@ -21,7 +21,7 @@ DOCS = Path(__file__).resolve().parent.parent / "docs" / "benchmarks"
 def test_bench_speed_writes_json_markdown_and_png(tmp_path, model_path):
     code = main(["bench", "speed", "-m", model_path, "--lengths", "300,600", "--keep", "0.5", "--n-decode", "2",
                  "--rounds", "1", "--prefill-rounds", "1", "--no-baseline", "--decode-eviction-cells", "400",
-                 "-o", str(tmp_path)])
+                 "--tracking", "lazy,tova", "--tracking-cells", "400", "-o", str(tmp_path)])
     assert code == 0
     results = json.loads((tmp_path / "speed.json").read_text())
     schema.check("speed", results)
@@ -66,6 +66,19 @@ def test_bench_speed_writes_json_markdown_and_png(tmp_path, model_path):
     assert os.path.getsize(tmp_path / "speed.png") > 1000
     markdown = (tmp_path / "speed.md").read_text()
     assert "decode vs fresh" in markdown and "kvzip: prefill + reconstruction forward alone" in markdown
+    # what following every decoded token costs lazy and tova at 400 cells, against off (no eviction there)
+    tracking = {row["config"]: row for row in results["decode_tracking"]["rows"]}
+    assert set(tracking) == {"off", "lazy", "tova"} and all(row["cells"] == 400 for row in tracking.values())
+    assert tracking["off"]["observe_step_s"] is None
+    assert all(0 < tracking[p]["observe_step_s"] < tracking[p]["step_s"] for p in ("lazy", "tova"))
+    assert "state update per step" in markdown
+
+
+def test_bench_speed_tracks_only_policies_that_observe_decoding(model_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "speed", "-m", model_path, "--tracking", "snapkv"])
+    assert exit_info.value.code == 2 and "--tracking 'snapkv': not a policy that observes decoding" in (
+        capsys.readouterr().err)
 
 
 def test_bench_speed_times_tiered_configurations_against_a_fresh_cache_of_equal_bytes(tmp_path, model_path):

@@ -49,6 +49,7 @@ from tqdm import tqdm
 from .._native import LIB_DIR
 from ..llama import Llama
 from ..models import resolve_model
+from ..policies import POLICIES
 from ..text import haystack
 from . import report
 from .specs import check_spec, eviction_arguments, policy_of, uses_profile
@@ -293,6 +294,46 @@ def time_scattered_removal(model: str, length: int, keep: float, threads: int) -
 
 DECODE_EVICTION_CELLS = 4096
 DECODE_EVICTION_SIZES = (1, 16, 64)
+TRACKING_CELLS = (1024, 2048, 4096)
+MAX_TRACKING_SHARE = 0.05  # a decode-time policy's per-step tracking / a decode step without it, at 2048 cells
+TRACKING_TARGET_CELLS = 2048
+
+
+def time_decode_tracking(model: str, policies: list[str], cell_counts: list[int], n_decode: int, rounds: int,
+                         threads: int) -> dict[str, Any]:
+    """What following every decoded token costs a policy that observes decoding (H2O, TOVA, LazyEviction): at each
+    cell count, single-token decode latencies with the policy tracking (its budget above the cells: no eviction)
+    and with eviction off, in interleaved rounds; the policy's own state updates (``kv_stats()["observe_s"]``)
+    apart from the attention tap's share (the rest of the difference)."""
+    rows = []
+    for n_cells in cell_counts:
+        n_ctx = n_cells + n_decode * rounds + 256
+        runners = {"off": LocalRunner(model, n_ctx, threads)}
+        for policy in policies:
+            runners[policy] = LocalRunner(model, n_ctx, threads, kv_eviction=policy, kv_budget=n_ctx - 1)
+        prompt = filler_tokens(runners["off"].llm, n_cells)
+        continuation = filler_tokens(runners["off"].llm, n_decode * rounds + 1, seed=2)[1:]
+        latencies: dict[str, list[float]] = {label: [] for label in runners}
+        observe_s: dict[str, float] = {}
+        for label, runner in runners.items():
+            runner.llm.reset()
+            runner.llm.eval(prompt)  # no prompt pending: decoded (and observed) without a prompt eviction
+            observe_s[label] = runner.llm.kv_stats()["observe_s"]
+        for r in range(rounds):
+            for label, runner in runners.items():
+                latencies[label] += runner.decode(continuation[r * n_decode:(r + 1) * n_decode])
+        off_step = statistics.median(latencies["off"])
+        for label, runner in runners.items():
+            stats = runner.llm.kv_stats()
+            if label != "off" and stats["evictions"]:
+                raise RuntimeError(f"{label} evicted while its tracking was timed")
+            step = statistics.median(latencies[label])
+            observe_step = (stats["observe_s"] - observe_s[label]) / (n_decode * rounds)
+            rows.append({"cells": n_cells, "config": label, "step_s": step, "decode_tok_s": 1.0 / step,
+                         "observe_step_s": observe_step if label != "off" else None,
+                         "overhead_vs_off": step / off_step - 1.0})
+            runner.close()
+    return {"cells": cell_counts, "policies": policies, "rows": rows}
 
 
 def time_decode_eviction(model: str, threads: int, n_cells: int = DECODE_EVICTION_CELLS,
@@ -410,7 +451,8 @@ def targets(summary: list[dict[str, Any]], removal: dict[str, Any], policies: li
 
 def run(model: str, lengths: list[int], keep: float, policies: list[str], rounds: int, prefill_rounds: int,
         n_decode: int, threads: int, baseline_lib: Path | None,
-        decode_eviction_cells: int = DECODE_EVICTION_CELLS) -> dict[str, Any]:
+        decode_eviction_cells: int = DECODE_EVICTION_CELLS, tracking: list[str] | None = None,
+        tracking_cells: list[int] | None = None) -> dict[str, Any]:
     n_configs = len(policies) + 2 + 2 * (baseline_lib is not None)
     n_equal_bytes = sum(map(uses_profile, policies))  # decoded only
     progress = tqdm(total=len(lengths) * (n_configs * (rounds + prefill_rounds) + n_equal_bytes * rounds),
@@ -423,10 +465,20 @@ def run(model: str, lengths: list[int], keep: float, policies: list[str], rounds
     removal = time_scattered_removal(model, max(lengths), keep, threads)
     decode_eviction = time_decode_eviction(model, threads, decode_eviction_cells)
     summary = ratios(rows, policies)
-    return {"lengths": lengths, "keep": keep, "policies": policies, "rounds": rounds, "prefill_rounds": prefill_rounds,
-            "n_decode_per_round": n_decode, "baseline_library": str(baseline_lib) if baseline_lib else None,
-            "rows": rows, "ratios": summary, "remove_scattered": removal, "decode_eviction": decode_eviction,
-            "targets": targets(summary, removal, policies)}
+    results = {"lengths": lengths, "keep": keep, "policies": policies, "rounds": rounds,
+               "prefill_rounds": prefill_rounds, "n_decode_per_round": n_decode,
+               "baseline_library": str(baseline_lib) if baseline_lib else None, "rows": rows, "ratios": summary,
+               "remove_scattered": removal, "decode_eviction": decode_eviction,
+               "targets": targets(summary, removal, policies)}
+    if tracking:
+        results["decode_tracking"] = time_decode_tracking(model, tracking, tracking_cells or list(TRACKING_CELLS),
+                                                          n_decode, rounds, threads)
+        at = [row for row in results["decode_tracking"]["rows"] if row["cells"] == TRACKING_TARGET_CELLS]
+        for row in at:
+            if row["config"] != "off":
+                results["targets"][f"{row['config']}: tracking <= {MAX_TRACKING_SHARE:.0%} of a decode step at "
+                                   f"{TRACKING_TARGET_CELLS} cells"] = row["overhead_vs_off"] <= MAX_TRACKING_SHARE
+    return results
 
 
 def markdown(results: dict[str, Any], env: dict[str, Any]) -> str:
@@ -505,6 +557,19 @@ def markdown(results: dict[str, Any], env: dict[str, Any]) -> str:
         lines += [f"| {row['evicted']} | {1000 * row['holes_s']:.2f} ms | {1000 * row['compacted_s']:.1f} ms | "
                   f"{1000 * row['decode_step_s']:.1f} ms |" for row in eviction["rows"]]
         lines.append("")
+    if "decode_tracking" in results:
+        tracking = results["decode_tracking"]
+        lines += ["Following every decoded token (policies that observe decoding, no eviction: the budget is above "
+                  "the cells), against eviction off at the same cells; single-token decode steps, medians over "
+                  "interleaved rounds. `state update` is the policy's own per-step work (`observe_step`), the rest "
+                  "of the difference is the attention tap's:", "",
+                  "| cells | config | decode step | decode tok/s | vs off | state update per step |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {row['cells']} | {row['config']} | {1000 * row['step_s']:.1f} ms | {row['decode_tok_s']:.1f} | "
+                  f"{row['overhead_vs_off']:+.1%} | "
+                  + (f"{1000 * row['observe_step_s']:.2f} ms |" if row["observe_step_s"] is not None else "|")
+                  for row in tracking["rows"]]
+        lines.append("")
     lines += ["| target | met |", "|---|---|"]
     lines += [f"| {name} | {met} |" for name, met in results["targets"].items()]
     lines.append("")
@@ -540,6 +605,11 @@ def main(args: argparse.Namespace) -> int:
     model = str(resolve_model(args.model))
     for policy in args.policies:
         check_spec(policy, args.keep)  # a bad name or ratio fails here, naming it, before any loading
+    for policy in args.tracking:
+        check_spec(policy, args.keep)
+        if not policy_of(policy).observes_decode:
+            raise ValueError(f"--tracking {policy!r}: not a policy that observes decoding "
+                             f"({sorted(name for name, cls in POLICIES.items() if cls.observes_decode)})")
     baseline_lib: Path | None = None
     if not args.no_baseline:
         baseline_lib = Path(args.baseline_lib) if args.baseline_lib else DEFAULT_BASELINE_LIB
@@ -550,7 +620,7 @@ def main(args: argparse.Namespace) -> int:
     env = report.environment(args.threads)
     results = run(model, args.lengths or profile["lengths"], args.keep, args.policies,
                   args.rounds or profile["rounds"], args.prefill_rounds or profile["prefill_rounds"], args.n_decode,
-                  args.threads, baseline_lib, args.decode_eviction_cells)
+                  args.threads, baseline_lib, args.decode_eviction_cells, args.tracking, args.tracking_cells)
     results.update(model=Path(model).name, profile="quick" if args.quick else "full", environment=env)
     report.publish("speed", results, lambda: markdown(results, env), lambda path: plot(results, path),
                    Path(args.output), args.threads)
@@ -571,6 +641,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prefill-rounds", type=int, help="prefills per configuration (the minimum is reported)")
     parser.add_argument("--decode-eviction-cells", type=int, default=DECODE_EVICTION_CELLS,
                         help="cells at which one decode-time eviction of a few cells is timed")
+    parser.add_argument("--tracking", type=lambda t: t.split(","), default=[],
+                        help="policies that observe decoding (h2o, tova, lazy), comma-separated: also time what "
+                        "following every decoded token costs them against eviction off")
+    parser.add_argument("--tracking-cells", type=lambda t: [int(x) for x in t.split(",")],
+                        help="cell counts for --tracking (default 1024,2048,4096)")
     parser.add_argument("--baseline-lib", help="directory of the unpatched libllama (default: where "
                         "scripts/build_baseline.sh puts it)")
     parser.add_argument("--no-baseline", action="store_true", help="skip the library comparison (the unpatched and the patched "
