@@ -118,6 +118,7 @@ class CellState:
 
     def __init__(self, values: npt.NDArray | None = None) -> None:
         self.values = values
+        self._buffer: npt.NDArray | None = None  # room to grow into: ``values`` is a view of its first cells
 
     @property
     def n_cells(self) -> int:
@@ -125,15 +126,25 @@ class CellState:
 
     def clear(self) -> None:
         self.values = None
+        self._buffer = None
 
     def extend(self, n_cells: int, fill: float = 0.0) -> npt.NDArray:
-        """Grow to ``n_cells`` cells, the new ones set to ``fill``; returns the array."""
+        """Grow to ``n_cells`` cells, the new ones set to ``fill``; returns the array. A decode step adds a cell
+        at a time: the array grows into spare room (a quarter more, at least 64 cells) instead of being copied
+        every step."""
         if self.values is None:
             raise ValueError("extend() of an empty CellState: set its values first")
-        n_new = n_cells - self.n_cells
-        if n_new > 0:
-            pad = np.full(self.values.shape[:-1] + (n_new,), fill, dtype=self.values.dtype)
-            self.values = np.concatenate([self.values, pad], axis=-1)
+        n_old = self.n_cells
+        if n_cells > n_old:
+            values, buffer = self.values, self._buffer
+            if (buffer is None or values.base is not buffer or buffer.shape[-1] < n_cells
+                    or buffer.shape[:-1] != values.shape[:-1] or buffer.dtype != values.dtype):
+                capacity = max(n_cells, n_old + max(64, n_old // 4))
+                buffer = np.empty(values.shape[:-1] + (capacity,), dtype=values.dtype)
+                buffer[..., :n_old] = values
+                self._buffer = buffer
+            buffer[..., n_old:n_cells] = fill
+            self.values = buffer[..., :n_cells]
         return self.values
 
     def keep(self, kept: npt.NDArray[np.int32], n_cells: int) -> None:

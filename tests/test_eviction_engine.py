@@ -242,3 +242,24 @@ def test_head_granular_compaction(raw_model, prompt, flash_attn):
     finally:
         ctx.close()
         token.close()
+
+
+def test_cell_state_grows_into_spare_room_and_keeps_its_values():
+    """CellState.extend adds cells a step at a time without copying the array each time; values, fills and a
+    later keep() are as if it had been concatenated."""
+    from kvgguf.engine import CellState
+
+    state = CellState(np.arange(6, dtype=np.int32).reshape(1, 2, 3))
+    expected = state.values.copy()
+    for n in range(4, 80):
+        values = state.extend(n, fill=n)
+        expected = np.concatenate([expected, np.full((1, 2, 1), n, dtype=np.int32)], axis=-1)
+        np.testing.assert_array_equal(values, expected)
+        values[..., -1] += 1000  # written through: the state holds what the policy wrote
+        expected[..., -1] += 1000
+    assert state._buffer is not None and state.values.base is state._buffer  # one buffer, grown a few times
+    np.testing.assert_array_equal(state.extend(10), expected)  # never shrinks
+    kept = np.array([0, 5, 70], dtype=np.int32)
+    state.keep(kept, 79)
+    np.testing.assert_array_equal(state.values, expected[..., kept])
+    np.testing.assert_array_equal(state.extend(5, fill=-1)[..., 3:], [[[-1, -1], [-1, -1]]])

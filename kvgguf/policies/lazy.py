@@ -54,27 +54,31 @@ class LazyEvictionPolicy(Policy):
 
     def observe_step(self, attention: npt.NDArray[np.float32], positions: npt.NDArray[np.int32],
                      n_queries: int) -> None:
-        self.step = int(positions.max())
+        self.step = int(positions[-1])  # cells are in position order: the newest last
         n_old = self.last_seen.n_cells
         if self.last_seen.values is None:
-            self.last_seen.values = np.zeros(attention.shape[:2] + (0,), dtype=np.int64)
-            self.recurrence.values = np.zeros(attention.shape[:2] + (0,), dtype=np.int64)
+            self.last_seen.values = np.zeros(attention.shape[:2] + (0,), dtype=np.int32)
+            self.recurrence.values = np.zeros(attention.shape[:2] + (0,), dtype=np.int32)
         last_seen = self.last_seen.extend(positions.size)
         recurrence = self.recurrence.extend(positions.size)
         last_seen[..., n_old:] = positions[n_old:]  # a new cell was seen at its own step, never recurred
         old_seen, old_recurrence = last_seen[..., :n_old], recurrence[..., :n_old]
         attended = attention[..., :n_old] >= np.float32(self.settings.lazy_alpha)
-        np.maximum(old_recurrence, np.where(attended, self.step - old_seen, 0), out=old_recurrence)
-        old_seen[attended] = self.step
+        # plain ufuncs, in place where they can be (this runs at every decoded token): the gap since each
+        # attended cell was last seen, 0 elsewhere; MRI = max(MRI, gap); TS + gap = the step where attended
+        gap = np.subtract(self.step, old_seen, dtype=np.int32)
+        np.multiply(gap, attended, out=gap)
+        np.maximum(old_recurrence, gap, out=old_recurrence)
+        np.add(old_seen, gap, out=old_seen)
 
     def score(self, scoring: ScoringContext) -> npt.NDArray[np.float32]:
         n_cells = scoring.cache.n_cells()
         if self.last_seen.values is None:
             # cells no observed query saw (restored from a snapshot): seen at their own positions, no recurrence
-            positions = scoring.cache.positions().astype(np.int64)
+            positions = scoring.cache.positions().astype(np.int32)
             shape = (scoring.n_layer, scoring.n_head_kv, n_cells)
             self.last_seen.values = np.broadcast_to(positions, shape).copy()
-            self.recurrence.values = np.zeros(shape, dtype=np.int64)
+            self.recurrence.values = np.zeros(shape, dtype=np.int32)
             self.step = int(positions.max(initial=0))
         last_seen = self.last_seen.extend(n_cells, fill=self.step)
         return importance(self.step, last_seen, self.recurrence.extend(n_cells))
