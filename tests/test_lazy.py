@@ -54,16 +54,16 @@ def generate(llm: Llama, prompt: list[int], n: int) -> int:
 
 
 def reference_state(steps: list[tuple[np.ndarray, np.ndarray]], alpha: float) -> tuple[dict, dict]:
-    """TS and MRI per position from the recorded steps, by the paper's rule, one (layer, head) array per
-    position: a position is first seen at its own step; at each later step t that pays it >= alpha,
-    MRI = max(MRI, t - TS) and TS = t."""
+    """TS and MRI per position from the recorded steps, by the reference code's rule, one (layer, head) array
+    per position: a position is first seen at the step that decoded it (a step is a decode call, at its newest
+    position: the prompt is one); at each later step t that pays it >= alpha, MRI = max(MRI, t - TS), TS = t."""
     last_seen: dict[int, np.ndarray] = {}
     recurrence: dict[int, np.ndarray] = {}
     for attention, positions in steps:
         step = int(positions.max())
         for j, position in enumerate(positions.tolist()):
             if position not in last_seen:
-                last_seen[position] = np.full(attention.shape[:2], position, dtype=np.int64)
+                last_seen[position] = np.full(attention.shape[:2], step, dtype=np.int64)
                 recurrence[position] = np.zeros(attention.shape[:2], dtype=np.int64)
                 continue
             attended = attention[:, :, j] >= np.float32(alpha)

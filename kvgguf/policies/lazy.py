@@ -4,12 +4,13 @@ In long reasoning, tokens regain attention after long gaps ("importance recurren
 right now hurts. Per cell and (layer, KV head) this policy tracks, from the attention every decoded token pays
 the cells (the max over the query heads of each KV group: a cell stays while any query head still needs it):
 
-- ``TS``: the last step at which the cell was attended with probability >= ``kv_lazy_alpha`` (a new cell: its
-  own step);
+- ``TS``: the last step at which the cell was attended with probability >= ``kv_lazy_alpha`` (a new cell: the
+  step that decoded it);
 - ``MRI``: the longest recurrence interval seen, ``max(MRI, t - TS)`` whenever it is attended again (new: 0).
 
-The step ``t`` is the position of the newest decoded token (a prompt piece counts as one step at its last
-position, its queries averaged; the cells it adds start at their own positions). Every ``kv_lazy_window`` (W) decoded tokens, if the cache holds more than
+The step ``t`` is the position of the newest decoded token. As in the reference code, where the prefill is step 0
+and each generated token one more, a prompt (or each piece of one longer than the cache) is one step, at its last
+position, its queries averaged, and all the cells it adds start there. Every ``kv_lazy_window`` (W) decoded tokens, if the cache holds more than
 the budget B, it keeps the W most recent cells and, of the rest, the B - W with the highest
 ``I = H1 + H2``, per KV head (or per token, on the max over the heads):
 ``H1 = 2 / (1 + exp(1 + (t - TS) / (MRI + 1e-5)))`` and ``H2 = 0 if MRI == 0 else 2 / (1 + exp(MRI - 1))``
@@ -61,7 +62,7 @@ class LazyEvictionPolicy(Policy):
             self.recurrence.values = np.zeros(attention.shape[:2] + (0,), dtype=np.int32)
         last_seen = self.last_seen.extend(positions.size)
         recurrence = self.recurrence.extend(positions.size)
-        last_seen[..., n_old:] = positions[n_old:]  # a new cell was seen at its own step, never recurred
+        last_seen[..., n_old:] = self.step  # new cells are seen at this step (a prompt piece's all at once)
         old_seen, old_recurrence = last_seen[..., :n_old], recurrence[..., :n_old]
         attended = attention[..., :n_old] >= np.float32(self.settings.lazy_alpha)
         # plain ufuncs, in place where they can be (this runs at every decoded token): the gap since each
@@ -74,12 +75,11 @@ class LazyEvictionPolicy(Policy):
     def score(self, scoring: ScoringContext) -> npt.NDArray[np.float32]:
         n_cells = scoring.cache.n_cells()
         if self.last_seen.values is None:
-            # cells no observed query saw (restored from a snapshot): seen at their own positions, no recurrence
-            positions = scoring.cache.positions().astype(np.int32)
+            # cells no observed query saw (restored from a snapshot): seen at once, like a prompt, no recurrence
             shape = (scoring.n_layer, scoring.n_head_kv, n_cells)
-            self.last_seen.values = np.broadcast_to(positions, shape).copy()
+            self.step = int(scoring.cache.positions().max(initial=0))
+            self.last_seen.values = np.full(shape, self.step, dtype=np.int32)
             self.recurrence.values = np.zeros(shape, dtype=np.int32)
-            self.step = int(positions.max(initial=0))
         last_seen = self.last_seen.extend(n_cells, fill=self.step)
         return importance(self.step, last_seen, self.recurrence.extend(n_cells))
 
