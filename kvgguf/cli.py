@@ -78,7 +78,13 @@ def main(argv: list[str] | None = None) -> int:
     profile_heads.add_arguments(profile)
     profile.set_defaults(run=profile_heads.main)
 
-    from . import train_lookahead
+    from . import calibrate_lazy, train_lookahead
+
+    calibrate = commands.add_parser("calibrate-lazy", help="pick LazyEviction's window for a model: the one that "
+                                                           "covers 80%% of the recurrence intervals measured on its "
+                                                           "own step-by-step answers")
+    calibrate_lazy.add_arguments(calibrate)
+    calibrate.set_defaults(run=calibrate_lazy.main)
 
     train = commands.add_parser("train-lookahead", help="train a LookaheadKV module (lookahead embeddings + LoRA) "
                                                         "for a model on the CPU (extra [train])")

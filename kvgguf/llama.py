@@ -24,6 +24,7 @@ from .contexts import CompressedContext, ContextSession, KVSnapshot, ModelIdenti
 from .controller import EvictionController
 from .engine import EvictionEngine, KVCacheView, kv_bytes_per_cell
 from .head_profile import AUTO, resolve_profile
+from .calibrate_lazy import lazy_defaults
 from .lookahead import LookaheadRuntime, resolve_lookahead
 from .models import check_gguf_file
 from .policies import POLICIES
@@ -91,10 +92,11 @@ class Llama(llama_cpp.Llama):
         kv_lookahead: (kv_eviction="lookahead") the path of a LookaheadKV module converted for this model
             (`kvgguf train-lookahead`, `kvgguf convert lookahead`); None: the one shipped for this model file.
         kv_lazy_window: (kv_eviction="lazy") LazyEviction's observation window W: every W decoded tokens the
-            cache goes back to the budget, keeping the W most recent cells (default 128); the cache holds at
-            most budget + W cells.
+            cache goes back to the budget, keeping the W most recent cells; the cache holds at most budget + W
+            cells. Default: the model's shipped calibration (`kvgguf calibrate-lazy`, kvgguf/lazy_windows/), else
+            128.
         kv_lazy_alpha: (kv_eviction="lazy") the attention probability that counts as attending a cell, in
-            (0, 1) (default 1e-4).
+            (0, 1). Default: the model's shipped calibration's, else 1e-4.
 
     With a policy, prompts longer than ``n_ctx`` are prefilled in chunks with eviction between chunks, and
     generation that fills the cache evicts again instead of failing; positions may run up to
@@ -110,6 +112,10 @@ class Llama(llama_cpp.Llama):
         settings = validate_settings(kv_eviction, kv_keep, kv_budget, kv_window, kv_sink, kv_granularity,
                                      kv_evict_every, kv_tiers, kv_lazy_window, kv_lazy_alpha)
         check_gguf_file(model_path)
+        calibrated = lazy_defaults(kv_eviction, model_path, kv_window, kv_lazy_window, kv_lazy_alpha)
+        if calibrated != (kv_lazy_window, kv_lazy_alpha):  # the model's shipped LazyEviction calibration
+            settings = validate_settings(kv_eviction, kv_keep, kv_budget, kv_window, kv_sink, kv_granularity,
+                                         kv_evict_every, kv_tiers, *calibrated)
         if kwargs.get("vocab_only"):
             # llama-cpp-python still creates a context, which llama.cpp aborts on for a weightless model
             raise ValueError("vocab_only=True is not supported by kvgguf.Llama (it needs a KV cache); use "
@@ -152,6 +158,8 @@ class Llama(llama_cpp.Llama):
                               kv_lookahead: str | os.PathLike[str] | None = None,
                               kv_lazy_window: int | None = None, kv_lazy_alpha: float | None = None) -> None:
         """Change the eviction settings of a loaded model; on ValueError the old settings stay in force."""
+        kv_lazy_window, kv_lazy_alpha = lazy_defaults(kv_eviction, self.model_path, kv_window, kv_lazy_window,
+                                                      kv_lazy_alpha)
         settings = validate_settings(kv_eviction, kv_keep, kv_budget, kv_window, kv_sink, kv_granularity,
                                      kv_evict_every, kv_tiers, kv_lazy_window, kv_lazy_alpha)
         profile = resolve_profile(kv_head_profile, self.model_path, self.model_identity())

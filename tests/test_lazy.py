@@ -200,3 +200,45 @@ def test_completions_run_past_n_ctx_as_without_eviction(model_path):
         assert cut["choices"][0]["finish_reason"] == "stop" and cut["choices"][0]["text"] == text[:text.index(stop)]
     finally:
         llm.close()
+
+
+def test_calibrate_lazy_picks_the_window_covering_80_percent(tmp_path, model_path, monkeypatch):
+    """`kvgguf calibrate-lazy` on two word problems, 48-token answers: W is the 80% quantile of the MRIs the
+    policy measured; shipped for the model file, it becomes that model's default kv_lazy_window / alpha."""
+    import json
+
+    import kvgguf.calibrate_lazy as calibrate_lazy
+    from kvgguf.cli import main
+
+    out = tmp_path / "windows" / "model.json"
+    assert main(["calibrate-lazy", "-m", model_path, "--prompts", "2", "--max-tokens", "48", "--alpha", "5e-4",
+                 "-o", str(out)]) == 0
+    result = json.loads(out.read_text())
+    quantiles = [result["mri_quantiles"][q] for q in ("0.50", "0.80", "0.90", "0.95", "0.99")]
+    assert quantiles == sorted(quantiles) and result["window"] == max(1, int(np.ceil(quantiles[1])))
+    assert result["alpha"] == 5e-4 and [a["answer_tokens"] for a in result["answers"]] == [48, 48]
+    assert 1 <= result["window"] <= 48 + 120  # an interval spans at most the prompt and the answer
+
+    monkeypatch.setattr(calibrate_lazy, "SHIPPED_DIR", out.parent)
+    llm = Llama(model_path, n_ctx=256, verbose=False, kv_eviction="lazy", kv_budget=200)
+    try:
+        assert (llm.kv_settings.window, llm.kv_settings.evict_every) == (result["window"], result["window"])
+        assert llm.kv_settings.lazy_alpha == 5e-4
+        llm.configure_kv_eviction("lazy", kv_budget=200, kv_lazy_window=16)  # the caller's W wins
+        assert llm.kv_settings.window == 16 and llm.kv_settings.lazy_alpha == 5e-4
+    finally:
+        llm.close()
+    monkeypatch.setattr(calibrate_lazy, "SHIPPED_DIR", tmp_path / "none")
+    assert calibrate_lazy.lazy_defaults("lazy", model_path, None, None, None) == (None, None)
+
+
+def test_calibrate_lazy_refuses_bad_arguments_by_name(tmp_path, model_path, capsys):
+    from kvgguf.cli import main
+
+    for arguments, message in ((["--coverage", "1.5"], "--coverage must be in (0, 1), got 1.5"),
+                               (["--alpha", "2"], "kv_lazy_alpha must be a probability in (0, 1), got 2.0"),
+                               (["--prompts", "0"], "--prompts must be >= 1, got 0")):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["calibrate-lazy", "-m", model_path, "-o", str(tmp_path / "w.json"), *arguments])
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "w.json").exists()
