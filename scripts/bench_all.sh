@@ -75,3 +75,6 @@ in_halves docs/benchmarks/lookahead 20 --tasks niah_single,niah_multikey,niah_mu
     --samples 20 --settings query-aware -o docs/benchmarks/lookahead/full-cache
 "$kvgguf" bench scores --policies lookahead,snapkv,kvzip -o docs/benchmarks/lookahead
 "$kvgguf" bench speed --policies lookahead,snapkv --no-baseline -o docs/benchmarks/lookahead
+# decode-time policies: what following every decoded token costs h2o, tova and lazy at 1K / 2K / 4K cells
+"$kvgguf" bench speed --lengths 1024 --policies streaming --rounds 4 --prefill-rounds 1 --no-baseline \
+    --tracking h2o,tova,lazy -o docs/benchmarks/decode-tracking
