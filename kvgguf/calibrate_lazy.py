@@ -8,7 +8,8 @@ The calibration prompts are grade-school arithmetic word problems generated here
 budget no answer reaches, so nothing is evicted and the policy's state is the plain measurement: for every cell
 and (layer, KV head), its MRI at the end of the answer (``kvgguf/policies/lazy.py``). W is the ``coverage``
 quantile of all of them. The result (W, alpha, the MRI quantiles, the command) is written as JSON; in
-``kvgguf/lazy_windows/`` it becomes the default ``kv_lazy_window`` / ``kv_lazy_alpha`` of that model file.
+``kvgguf/lazy_windows/`` it becomes the default ``kv_lazy_window`` / ``kv_lazy_alpha`` of that model file, and of
+the other models of its architecture (``general.architecture``: the family's default) that have none of their own.
 """
 from __future__ import annotations
 
@@ -91,25 +92,38 @@ def window_for(recurrence: np.ndarray, coverage: float) -> int:
     return max(1, int(math.ceil(np.quantile(recurrence, coverage))))
 
 
-def shipped_calibration(model_path: str | Path) -> dict[str, Any] | None:
+def model_architecture(model_path: str | Path) -> str | None:
+    """The GGUF file's ``general.architecture`` (``llama``, ``qwen2``, ...), read with gguf-py; None if absent."""
+    from .gguf_py import gguf_module
+
+    gguf = gguf_module()
+    field = gguf.GGUFReader(str(model_path)).get_field(gguf.Keys.General.ARCHITECTURE)
+    return str(field.contents()) if field is not None else None
+
+
+def shipped_calibration(model_path: str | Path, family: bool = True) -> dict[str, Any] | None:
     """The calibration shipped for this model file (``kvgguf/lazy_windows/*.json``, matched by the file's
-    fingerprint), or None."""
+    fingerprint); else, with ``family``, the one shipped for another model of the same architecture (the model
+    family's default: the first by file name); else None."""
     from .contexts import file_fingerprint
 
     if not SHIPPED_DIR.is_dir():
         return None
     fingerprint = file_fingerprint(model_path)
-    for path in sorted(SHIPPED_DIR.glob("*.json")):
-        calibration = json.loads(path.read_text())
+    calibrations = [json.loads(path.read_text()) for path in sorted(SHIPPED_DIR.glob("*.json"))]
+    for calibration in calibrations:
         if calibration.get("fingerprint") == fingerprint:
             return calibration
-    return None
+    if not family:
+        return None
+    architecture = model_architecture(model_path)
+    return next((c for c in calibrations if architecture and c.get("architecture") == architecture), None)
 
 
 def lazy_defaults(kv_eviction: str | None, model_path: str | Path, kv_window: int | None,
                   kv_lazy_window: int | None, kv_lazy_alpha: float | None) -> tuple[int | None, float | None]:
     """kv_lazy_window and kv_lazy_alpha for a policy that tracks recurrence: the caller's, else the model's
-    shipped calibration's (else None: the settings' defaults)."""
+    shipped calibration's, else its family's (``shipped_calibration``), else None (the settings' defaults)."""
     from .policies import POLICIES
 
     policy = POLICIES.get(kv_eviction) if isinstance(kv_eviction, str) else None
@@ -142,7 +156,8 @@ def main(args: argparse.Namespace) -> int:
     recurrence = measured["recurrence"]
     window = window_for(recurrence, args.coverage)
     quantiles = {f"{q:.2f}": float(np.quantile(recurrence, q)) for q in (0.5, 0.8, 0.9, 0.95, 0.99)}
-    result = {"model": Path(model).name, "fingerprint": file_fingerprint(model), "window": window,
+    result = {"model": Path(model).name, "fingerprint": file_fingerprint(model),
+              "architecture": model_architecture(model), "window": window,
               "alpha": args.alpha, "coverage": args.coverage, "prompts": args.prompts, "max_tokens": args.max_tokens,
               "mri_quantiles": quantiles, "mri_zero_share": float(np.mean(recurrence == 0)),
               "n_values": int(recurrence.size), "answers": measured["answers"],

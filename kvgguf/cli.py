@@ -1,5 +1,5 @@
 """The ``kvgguf`` command line: ``kvgguf demo`` (eviction-aware completion on the default model),
-``kvgguf bench accuracy|speed|memory|scores``, ``kvgguf fetch`` (models shipped on PyPI), ``kvgguf profile-heads`` (a
+``kvgguf bench accuracy|speed|memory|scores|reasoning``, ``kvgguf fetch`` (models shipped on PyPI), ``kvgguf profile-heads`` (a
 model's per-head KV budget profile) and ``kvgguf convert lookahead`` (a trained LookaheadKV module into GGUF)."""
 from __future__ import annotations
 
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     convert_lookahead.add_arguments(lookahead_parser)
     lookahead_parser.set_defaults(run=convert_lookahead.main)
 
-    from .bench import accuracy, memory, scores, speed
+    from .bench import accuracy, memory, reasoning, scores, speed
 
     bench = commands.add_parser("bench", help="benchmarks; results go to docs/benchmarks/ as JSON, markdown, PNG")
     suites = bench.add_subparsers(dest="suite", required=True)
@@ -119,6 +119,10 @@ def main(argv: list[str] | None = None) -> int:
                                                      "attends to (held-out prompts: KL, recall of the top 10%%)")
     scores.add_arguments(scores_parser)
     scores_parser.set_defaults(run=scores.main)
+    reasoning_parser = suites.add_parser("reasoning", help="decode-time eviction of long step-by-step answers: "
+                                                           "accuracy, agreement, peak cells, decode speed vs full")
+    reasoning.add_arguments(reasoning_parser)
+    reasoning_parser.set_defaults(run=reasoning.main)
     memory_parser = suites.add_parser("memory", help="KV bytes and peak RSS: a prompt 4x n_ctx with eviction vs "
                                                      "the full cache")
     memory.add_arguments(memory_parser)

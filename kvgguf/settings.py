@@ -139,7 +139,7 @@ def validate_settings(kv_eviction: str | None, kv_keep: float | None = None, kv_
 
     evict_every = None
     if kv_evict_every is not None:
-        _require(kv_eviction, "observes_decode", "kv_evict_every", "observes decoding")
+        _require(kv_eviction, "evicts_while_decoding", "kv_evict_every", "evicts while decoding")
         evict_every = _check_int("kv_evict_every", kv_evict_every, 1)
     elif policy_class.observes_decode:
         evict_every = policy_class.default_evict_every

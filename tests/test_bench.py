@@ -12,6 +12,7 @@ import pytest
 
 from kvgguf._native import LIB_DIR
 from kvgguf.bench import schema
+from kvgguf.bench.reasoning import agreement, budget_cells, extract_answer
 from kvgguf.bench.speed import BaselineRunner, ratios
 from kvgguf.cli import main
 
@@ -361,3 +362,56 @@ def test_bench_scores_refuses_bad_arguments_by_name(model_path, capsys):
         with pytest.raises(SystemExit) as exit_info:
             main(["bench", "scores", "-m", model_path, *arguments])
         assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_reasoning_answers_are_read_as_the_reference_harness_reads_them():
+    assert extract_answer("so 3 + 4 = 7, and \\boxed{\\frac{1}{2}} is it") == "\\frac{1}{2}"
+    assert extract_answer("first \\boxed{3}, then \\boxed{ -12 }") == "-12"
+    assert extract_answer("She has 1,250 apples and gives 30 away, leaving 1,220.") == "1220"
+    assert extract_answer("no number here") is None
+    assert extract_answer("\\boxed{unclosed 5") == "5"
+    assert agreement([1, 2, 9, 4], [1, 2, 3, 4, 5], 4) == 0.75
+    assert agreement([1], [], 4) == 1.0
+    assert budget_cells(100, 200, 0.25) == 150 and budget_cells(100, 1, 0.25) == 101
+
+
+def test_bench_reasoning_keeps_each_policy_within_its_budget(tmp_path, model_path):
+    """Two tiny problems, two decode-time policies at one budget: the files follow the schema, every evicting
+    answer stayed within budget + window (lazy) or budget + 1 (the others, every token), the full cache was scored
+    by reasoning-gym's own check, and a second run resumes from the rows file instead of answering again."""
+    arguments = ["bench", "reasoning", "-m", model_path, "--tasks", "basic_arithmetic", "--samples", "2",
+                 "--policies", "lazy,streaming", "--budgets", "0.5", "--max-tokens", "48", "--window", "8",
+                 "--n-ctx", "512", "-o", str(tmp_path)]
+    assert main(arguments) == 0
+    results = json.loads((tmp_path / "reasoning.json").read_text())
+    schema.check("reasoning", results)
+    assert (tmp_path / "reasoning.md").exists() and (tmp_path / "reasoning.png").stat().st_size > 0
+    rows = results["rows"]
+    assert {(r["policy"], r["budget"]) for r in rows} == {("full", 1.0), ("lazy", 0.5), ("streaming", 0.5)}
+    full = {r["seed"]: r for r in rows if r["policy"] == "full"}
+    for row in rows:
+        assert row["score"] in (0.0, 1.0)
+        if row["policy"] == "full":
+            assert row["peak_cells"] <= row["prompt_tokens"] + row["answer_tokens"] + 1
+            continue
+        assert row["kv_budget"] == row["prompt_tokens"] + math.ceil(0.5 * full[row["seed"]]["answer_tokens"])
+        assert row["peak_cells"] <= row["kv_budget"] + (8 if row["policy"] == "lazy" else 1)
+        if row["answer_tokens"] > row["kv_budget"] - row["prompt_tokens"] + 8:
+            assert row["evictions"] >= 1
+    lines = (tmp_path / "reasoning.rows.jsonl").read_text().splitlines()
+    assert len(lines) == 6
+    assert main(arguments) == 0  # every answer is in the rows file: nothing is answered twice
+    assert (tmp_path / "reasoning.rows.jsonl").read_text().splitlines() == lines
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--policies", "snapkv"], "--policies: 'snapkv' is not a policy that evicts while decoding"),
+    (["--budgets", "1.5"], "--budgets: 1.5 is not in (0, 1)"),
+    (["--samples", "0"], "--samples must be >= 1, got 0"),
+    (["--tasks", "no_such_task"], "--tasks: 'no_such_task' is not a reasoning-gym dataset"),
+    (["--window", "0"], "--window must be >= 1, got 0"),
+])
+def test_bench_reasoning_refuses_bad_arguments_by_name(model_path, capsys, arguments, message):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "reasoning", "-m", model_path, *arguments])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err

@@ -157,8 +157,8 @@ def test_holes_left_by_an_eviction_answer_like_upstream_removal(model_path):
     assert attended["holes"] == attended["upstream"] == 768  # 600 cells in use, padded to 256
 
 
-def test_kv_evict_every_needs_a_policy_that_observes_decoding(model_path):
-    with pytest.raises(ValueError, match="kv_evict_every needs a policy that observes decoding"):
+def test_kv_evict_every_needs_a_policy_that_evicts_while_decoding(model_path):
+    with pytest.raises(ValueError, match="kv_evict_every needs a policy that evicts while decoding"):
         Llama(model_path, n_ctx=256, verbose=False, kv_eviction="snapkv", kv_evict_every=4)
     with pytest.raises(ValueError, match="kv_evict_every must be >= 1, got 0"):
         Llama(model_path, n_ctx=256, verbose=False, kv_eviction="h2o", kv_evict_every=0)

@@ -113,7 +113,8 @@ def test_importance_is_the_reference_codes_form():
     assert got[3] > got[2] > got[1] > got[0]
 
 
-@pytest.mark.parametrize("policy, extra", [("lazy", dict(kv_lazy_window=32)), ("tova", {}), ("h2o", {})])
+@pytest.mark.parametrize("policy, extra", [("lazy", dict(kv_lazy_window=32)), ("tova", {}), ("h2o", {}),
+                                           ("streaming", dict(kv_evict_every=8))])
 def test_generation_runs_far_past_n_ctx_in_bounded_memory(model_path, policy, extra):
     """1024 generated tokens (4 x n_ctx) after a short prompt: the cache never holds more than the budget plus
     the window between two evictions, and positions run on."""
@@ -228,6 +229,14 @@ def test_calibrate_lazy_picks_the_window_covering_80_percent(tmp_path, model_pat
         assert llm.kv_settings.window == 16 and llm.kv_settings.lazy_alpha == 5e-4
     finally:
         llm.close()
+    assert result["architecture"] == "llama"
+    # another model file of the same architecture: the family's default, unless only the file's own is asked for
+    sibling = {**result, "fingerprint": "another llama model", "window": 7}
+    out.write_text(json.dumps(sibling))
+    assert calibrate_lazy.lazy_defaults("lazy", model_path, None, None, None) == (7, 5e-4)
+    assert calibrate_lazy.shipped_calibration(model_path, family=False) is None
+    out.write_text(json.dumps({**sibling, "architecture": "qwen2"}))
+    assert calibrate_lazy.lazy_defaults("lazy", model_path, None, None, None) == (None, None)
     monkeypatch.setattr(calibrate_lazy, "SHIPPED_DIR", tmp_path / "none")
     assert calibrate_lazy.lazy_defaults("lazy", model_path, None, None, None) == (None, None)
 

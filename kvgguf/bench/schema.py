@@ -38,6 +38,15 @@ SCHEMAS: dict[str, dict[str, set[str]]] = {
                    "kl_reduction_ci95"},
         "rows": {"seed", "kind", "prompt_tokens", "response_tokens", "policy", "kl", "recall"},
     },
+    "reasoning": {
+        "top": {"schema_version", "model", "tasks", "first_seed", "samples", "max_tokens", "budgets", "policies",
+                "window", "summary", "by_task", "paired", "rows", "environment"},
+        "summary": {"policy", "budget", "n", "accuracy", "agreement", "peak_cells", "peak_cells_vs_full",
+                    "decode_tok_s", "decode_vs_full"},
+        "paired": {"policy", "budget", "n", "ours", "theirs", "difference", "ci95"},
+        "rows": {"task", "seed", "policy", "budget", "kv_budget", "prompt_tokens", "answer_tokens", "output",
+                 "extracted", "expected", "score", "peak_cells", "decode_tok_s"},
+    },
     "memory": {
         "top": {"schema_version", "model", "task", "n_ctx", "factor", "n_prompt_target", "keep", "seed", "rows",
                 "environment"},

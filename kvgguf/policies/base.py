@@ -45,6 +45,10 @@ class Policy(ABC):
     decode_heads: ClassVar[str] = "mean"
     # kv_evict_every when not given (observes_decode policies)
     default_evict_every: ClassVar[int | None] = None
+    # True if the policy can score the cells at any decode step from what it already holds (no scoring decode,
+    # no query to observe): kv_evict_every then brings the cache back to the budget while generating. Every
+    # observes_decode policy can; so can recency (StreamingLLM)
+    evicts_while_decoding: ClassVar[bool] = False
     # how the policy uses a per-model head profile (kvgguf.head_profile): None (not at all), "optional" (with a
     # profile it evicts in a tiered cache, ``plan_tiers``) or "required"
     head_profile_use: ClassVar[str | None] = None
@@ -56,6 +60,11 @@ class Policy(ABC):
     # True if the policy evicts lazily by recurrence (LazyEviction): kv_lazy_window sets its observation window
     # (the recent cells kept, and the tokens between two evictions) and kv_lazy_alpha its attention threshold
     tracks_recurrence: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.observes_decode:
+            cls.evicts_while_decoding = True
 
     def __init__(self, settings: EvictionSettings) -> None:
         self.settings = settings
