@@ -124,9 +124,12 @@ def lazy_defaults(kv_eviction: str | None, model_path: str | Path, kv_window: in
                   kv_lazy_window: int | None, kv_lazy_alpha: float | None) -> tuple[int | None, float | None]:
     """kv_lazy_window and kv_lazy_alpha for a policy that tracks recurrence: the caller's, else the model's
     shipped calibration's, else its family's (``shipped_calibration``), else None (the settings' defaults)."""
-    from .policies import POLICIES
+    from .policies import policy_class
 
-    policy = POLICIES.get(kv_eviction) if isinstance(kv_eviction, str) else None
+    try:
+        policy = policy_class(kv_eviction) if isinstance(kv_eviction, str) else None
+    except ValueError:
+        policy = None  # validate_settings names it
     window_given = kv_lazy_window is not None or kv_window is not None
     if policy is None or not policy.tracks_recurrence or (window_given and kv_lazy_alpha is not None):
         return kv_lazy_window, kv_lazy_alpha

@@ -232,6 +232,8 @@ class EvictionController:
         if scores is not None and self.policy is not None and self.policy.name == policy_name:
             # the context's cells keep their scores; a decode-time eviction scores only what was decoded since
             self.policy.resume(scores)
+        if self.policy is not None:
+            self.policy.begin_decode()
 
     def eval(self, tokens: Sequence[int]) -> None:
         """Decode ``tokens`` as the sequence's next ones, evicting as the settings say."""
@@ -301,15 +303,16 @@ class EvictionController:
             self._make_room(len(piece), slack=False, granularity="token")
             is_last = i == len(starts) - 1
             next_len = 0 if is_last else min(chunk, len(tokens) - starts[i + 1])
-            if not policy.observes_decode and (is_last or self.engine.room() - reserve < len(piece) + next_len):
+            if policy.scores_prompt and (is_last or self.engine.room() - reserve < len(piece) + next_len):
                 # an eviction follows this piece: its last tokens may observe
                 policy.observe_prompt(self.scoring, self.host.n_tokens + len(piece))
-            self._decode(piece)
+            self._decode(piece, prompt=True)
         # leave room for the observation window (or the scoring decodes) of a later, decode-time eviction
         self.evict_to(self.engine.keep_budget(settings, self.protected_head, n_prompt_cells,
                                               cap_free=self.window + 2 + reserve))
         self.scoring.stop()
         self._decode_budget = None
+        policy.begin_decode()
 
     def _piece_size(self, reserve: int) -> int:
         assert self.settings is not None and self.policy is not None
@@ -333,11 +336,12 @@ class EvictionController:
             raise ValueError(f"cannot fit {n_new} new tokens into {self.n_ctx - reserve} cells with kv_sink + "
                              f"kv_window = {n_protected} protected; use a larger n_ctx")
 
-    def _decode(self, tokens: list[int]) -> None:
-        """Decode ``tokens``; a policy that observes decoding is shown their attention over the cells."""
+    def _decode(self, tokens: list[int], prompt: bool = False) -> None:
+        """Decode ``tokens``; a policy that observes decoding is shown their attention over the cells (a prompt's
+        only if the policy does not score prompts its own way)."""
         policy = self.policy
         assert policy is not None
-        if not policy.observes_decode:
+        if not policy.observes_decode or (prompt and policy.scores_prompt):
             return self.host.decode_tokens(tokens)
         position = self.host.n_tokens
         self.scoring.observe(position, position + len(tokens), TapSpec(rows="mean", heads=policy.decode_heads))

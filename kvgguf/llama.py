@@ -27,7 +27,7 @@ from .head_profile import AUTO, resolve_profile
 from .calibrate_lazy import lazy_defaults
 from .lookahead import LookaheadRuntime, resolve_lookahead
 from .models import check_gguf_file
-from .policies import POLICIES
+from .policies import POLICIES, policy_class
 from .scoring import ScoringContext
 from .settings import DEFAULT_SINK, EvictionSettings, validate_settings
 
@@ -171,7 +171,7 @@ class Llama(llama_cpp.Llama):
                        settings: EvictionSettings | None) -> LookaheadRuntime | None:
         """The lookahead module ``kv_lookahead=spec`` names (None: the one shipped for this model, looked up only
         for a policy that scores with one), loaded once per file."""
-        if spec is None and (settings is None or not POLICIES[settings.policy_name].uses_lookahead):
+        if spec is None and (settings is None or not policy_class(settings.policy_name).uses_lookahead):
             return None
         if spec is not None and not isinstance(spec, (str, os.PathLike)):
             raise ValueError(f"kv_lookahead must be the path of a converted lookahead module or None, got {spec!r}")

@@ -5,7 +5,7 @@ import math
 import numbers
 from dataclasses import dataclass
 
-from .policies import POLICIES, Policy, get_policy
+from .policies import POLICIES, Policy, get_policy, policy_class as find_policy
 
 DEFAULT_KEEP = 0.5
 DEFAULT_WINDOW = 32
@@ -67,7 +67,7 @@ def _check_int(name: str, value: object, minimum: int) -> int:
 
 def _require(policy: str, attribute: str, option: str, what: str) -> None:
     """ValueError naming ``option`` when ``policy`` lacks the class flag ``attribute`` (an option for others)."""
-    if not getattr(POLICIES[policy], attribute):
+    if not getattr(find_policy(policy), attribute):
         able = sorted(name for name, cls in POLICIES.items() if getattr(cls, attribute))
         raise ValueError(f"{option} needs a policy that {what} (one of {able}); {policy!r} does not")
 
@@ -84,9 +84,7 @@ def validate_settings(kv_eviction: str | None, kv_keep: float | None = None, kv_
             raise ValueError("kv_keep / kv_budget / kv_granularity / kv_evict_every / kv_tiers / kv_lazy_window / "
                              f"kv_lazy_alpha need a kv_eviction policy (one of {sorted(POLICIES)})")
         return None
-    if not isinstance(kv_eviction, str) or kv_eviction not in POLICIES:
-        raise ValueError(f"unknown kv_eviction policy {kv_eviction!r}; known: {sorted(POLICIES)}")
-    policy_class = POLICIES[kv_eviction]
+    policy_class = find_policy(kv_eviction)
 
     if kv_keep is not None and kv_budget is not None:
         raise ValueError(f"give kv_keep or kv_budget, not both (got kv_keep={kv_keep!r}, kv_budget={kv_budget!r})")

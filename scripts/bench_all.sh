@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Regenerate every benchmark result committed under docs/benchmarks/ on the default model (about 9 hours on
-# 2 cores; run it alone on the machine: `bench speed` times against an unpatched llama.cpp in the same run).
+# Regenerate every benchmark result committed under docs/benchmarks/ on the default model (and bench reasoning's on
+# Qwen2.5-Coder-1.5B; about 10.5 hours on 2 cores; run it alone on the machine: `bench speed` times against an
+# unpatched llama.cpp in the same run).
 # The Qwen long-context results (docs/benchmarks/long/) have their own command in docs/benchmarks/README.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -78,3 +79,15 @@ in_halves docs/benchmarks/lookahead 20 --tasks niah_single,niah_multikey,niah_mu
 # decode-time policies: what following every decoded token costs h2o, tova and lazy at 1K / 2K / 4K cells
 "$kvgguf" bench speed --lengths 1024 --policies streaming --rounds 4 --prefill-rounds 1 --no-baseline \
     --tracking h2o,tova,lazy -o docs/benchmarks/decode-tracking
+# LazyEviction beside H2O, TOVA and StreamingLLM on step-by-step answers (Qwen2.5-Coder-1.5B, the largest model
+# here: 22 PyPI wheels): the model's calibration (kvgguf/lazy_windows/) first, then 30 gsm_symbolic problems in
+# two processes of one thread sharing the rows file, then the report over all 30 (about 75 minutes)
+"$kvgguf" calibrate-lazy -m qwen2.5-coder-1.5b-instruct --alpha 1e-4 --threads 1 \
+    -o kvgguf/lazy_windows/Qwen2.5-Coder-1.5B-Instruct.Q4_K_M.json
+rm -f docs/benchmarks/reasoning/reasoning.rows.jsonl  # answers of an earlier run would be resumed, not redone
+for first in 0 15; do
+    "$kvgguf" bench reasoning -m qwen2.5-coder-1.5b-instruct --samples 15 --first-seed "$first" --threads 1 \
+        -o docs/benchmarks/reasoning &
+done
+wait
+"$kvgguf" bench reasoning -m qwen2.5-coder-1.5b-instruct --samples 30 --threads 1 -o docs/benchmarks/reasoning

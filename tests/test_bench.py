@@ -392,11 +392,13 @@ def test_bench_reasoning_keeps_each_policy_within_its_budget(tmp_path, model_pat
     for row in rows:
         assert row["score"] in (0.0, 1.0)
         if row["policy"] == "full":
-            assert row["peak_cells"] <= row["prompt_tokens"] + row["answer_tokens"] + 1
+            assert row["peak_cells"] <= row["prompt_tokens"] + row["answer_tokens"] + 1 and row["evictions"] == 0
             continue
         assert row["kv_budget"] == row["prompt_tokens"] + math.ceil(0.5 * full[row["seed"]]["answer_tokens"])
         assert row["peak_cells"] <= row["kv_budget"] + (8 if row["policy"] == "lazy" else 1)
-        if row["answer_tokens"] > row["kv_budget"] - row["prompt_tokens"] + 8:
+        overflow = row["prompt_tokens"] + row["answer_tokens"] - row["kv_budget"]  # cells past the budget
+        assert row["evictions"] <= max(overflow, 0) + 1  # this answer's evictions, not the model's so far
+        if overflow > 8:
             assert row["evictions"] >= 1
     lines = (tmp_path / "reasoning.rows.jsonl").read_text().splitlines()
     assert len(lines) == 6

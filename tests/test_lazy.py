@@ -3,6 +3,8 @@
 the budget + W cells while generating far past n_ctx, and bad settings are refused by name."""
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -251,3 +253,62 @@ def test_calibrate_lazy_refuses_bad_arguments_by_name(tmp_path, model_path, caps
             main(["calibrate-lazy", "-m", model_path, "-o", str(tmp_path / "w.json"), *arguments])
         assert exit_info.value.code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "w.json").exists()
+
+
+def test_a_prompt_policy_composes_with_a_decode_time_one(model_path):
+    """kv_eviction="snapkv+lazy": SnapKV evicts the prompt once (the same cells, so the same first answer tokens
+    as SnapKV alone until LazyEviction's first eviction), then LazyEviction follows the generation, 1024 tokens
+    past a 512-cell context, in the cells SnapKV kept plus its window."""
+    llm = Llama(model_path, n_ctx=512, n_threads=2, verbose=False)
+    eos = llm.token_eos()
+
+    def greedy(n: int) -> tuple[list[int], int]:
+        def no_eos(ids: np.ndarray, logits: np.ndarray) -> np.ndarray:
+            logits[eos] = -np.inf
+            return logits
+
+        tokens, peak = [], 0
+        for token in llm.generate(prompt, temp=0.0, top_k=1, repeat_penalty=1.0, logits_processor=[no_eos]):
+            peak = max(peak, llm.kv_stats()["cells_now"])
+            if len(tokens) == n:
+                break
+            tokens.append(token)
+        return tokens, peak
+
+    try:
+        prompt = prompt_tokens(llm, 18)
+        assert 300 < len(prompt) < 500
+        llm.configure_kv_eviction("snapkv", kv_keep=0.3)
+        alone, _ = greedy(24)
+        kept_alone = llm.kv_stats()["cells_after"]
+        llm.configure_kv_eviction("snapkv+lazy", kv_keep=0.3, kv_lazy_window=32)
+        settings = llm.kv_settings
+        assert (settings.window, settings.evict_every, settings.granularity) == (32, 32, "head")
+        composed, peak = greedy(1024)
+        stats = llm.kv_stats()
+        assert composed[:24] == alone  # no decode-time eviction before the 32nd token
+        budget = stats["history"][0]["cells_after"]  # the prompt's eviction: snapkv's 30%
+        assert budget == kept_alone and budget < 0.4 * len(prompt)
+        assert peak <= budget + 32 and stats["evictions"] >= 1024 // 32 - 1
+        positions = llm.kv_positions()
+        assert positions[-1] == llm.n_tokens - 1 == len(prompt) + 1023 and positions.size <= budget + 32
+        policy = llm.kv_controller.policy
+        assert policy.decoding and policy.decode.last_seen.n_cells == positions.size  # its state follows the cells
+    finally:
+        llm.close()
+
+
+@pytest.mark.parametrize("name, message", [
+    ("lazy+snapkv", "'lazy' is no prompt policy"),
+    ("snapkv+kvzip", "'kvzip' does not evict while decoding"),
+    ("snapkv+lazy+h2o", "unknown kv_eviction policy 'snapkv+lazy+h2o'"),
+    ("snapkv+nothing", "unknown kv_eviction policy 'nothing'"),
+])
+def test_bad_pairs_are_refused_by_name(model_path, name, message):
+    llm = Llama(model_path, n_ctx=256, verbose=False)
+    try:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            llm.configure_kv_eviction(name, kv_keep=0.5)
+        assert llm.kv_settings is None and llm.create_completion("Hi", max_tokens=2)["choices"]
+    finally:
+        llm.close()

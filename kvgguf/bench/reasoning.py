@@ -195,12 +195,13 @@ def measure_one(llm: Llama, prompt: list[int], policy: str, budget: float, windo
         every = {"kv_lazy_window": window} if POLICIES[policy].tracks_recurrence else \
             {"kv_window": window, "kv_evict_every": 1}
         llm.configure_kv_eviction(policy, kv_budget=kv_budget, kv_head_profile=None, **every)
+    evictions_before = llm.kv_stats()["evictions"]  # kv_stats counts over the model's life
     result = answer(llm, prompt, max_tokens)
     tokens = result["tokens"]
     row = {"policy": policy, "budget": budget, "kv_budget": kv_budget, "window": window if kv_budget else None,
            "tokens": tokens, "answer_tokens": len(tokens), "output": llm.detokenize(tokens).decode(errors="replace"),
            "peak_cells": result["peak_cells"], "decode_tok_s": result["decode_tok_s"],
-           "evictions": llm.kv_stats()["evictions"] if kv_budget else 0}
+           "evictions": llm.kv_stats()["evictions"] - evictions_before}
     if full is not None:
         row["agreement"] = agreement(tokens, full["tokens"], agreement_tokens)
         row["decode_vs_full"] = (result["decode_tok_s"] / full["decode_tok_s"]

@@ -49,6 +49,9 @@ class Policy(ABC):
     # no query to observe): kv_evict_every then brings the cache back to the budget while generating. Every
     # observes_decode policy can; so can recency (StreamingLLM)
     evicts_while_decoding: ClassVar[bool] = False
+    # True if the policy scores a prompt from its own observation (``observe_prompt``) or scoring decodes; False
+    # for those that observe every decoded token instead (the default: not ``observes_decode``)
+    scores_prompt: ClassVar[bool] = True
     # how the policy uses a per-model head profile (kvgguf.head_profile): None (not at all), "optional" (with a
     # profile it evicts in a tiered cache, ``plan_tiers``) or "required"
     head_profile_use: ClassVar[str | None] = None
@@ -65,6 +68,8 @@ class Policy(ABC):
         super().__init_subclass__(**kwargs)
         if cls.observes_decode:
             cls.evicts_while_decoding = True
+        if "scores_prompt" not in cls.__dict__:
+            cls.scores_prompt = not cls.observes_decode
 
     def __init__(self, settings: EvictionSettings) -> None:
         self.settings = settings
@@ -95,6 +100,9 @@ class Policy(ABC):
     def observe_prompt(self, scoring: ScoringContext, end: int) -> None:
         """The sequence's tokens up to position ``end`` are decoded next and an eviction follows them (not
         called for ``observes_decode`` policies, which see every decode)."""
+
+    def begin_decode(self) -> None:
+        """The prompt is in and evicted (or a context was restored): what is decoded from now on is generation."""
 
     def observe_decode(self, scoring: ScoringContext, start: int) -> None:
         """Decoding from position ``start`` on will fill the cache: an eviction follows soon."""
