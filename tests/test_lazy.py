@@ -255,11 +255,16 @@ def test_calibrate_lazy_refuses_bad_arguments_by_name(tmp_path, model_path, caps
     assert not (tmp_path / "w.json").exists()
 
 
-def test_a_prompt_policy_composes_with_a_decode_time_one(model_path):
+@pytest.mark.parametrize("first, second, window", [("snapkv", "lazy", dict(kv_lazy_window=32)),
+                                                   ("kvzip", "h2o", dict(kv_window=32))])
+def test_a_prompt_policy_composes_with_a_decode_time_one(model_path, first, second, window):
     """kv_eviction="snapkv+lazy": SnapKV evicts the prompt once (the same cells, so the same first answer tokens
     as SnapKV alone until LazyEviction's first eviction), then LazyEviction follows the generation, 1024 tokens
-    past a 512-cell context, in the cells SnapKV kept plus its window."""
-    llm = Llama(model_path, n_ctx=512, n_threads=2, verbose=False)
+    past a 512-cell context, in the cells SnapKV kept plus its window. The same for KVzip (which decodes to score,
+    in a plain cache) and H2O (every token)."""
+    llm = Llama(model_path, n_ctx=1024 if first == "kvzip" else 512, n_threads=2, verbose=False,
+                kv_head_profile=None)
+    every = 32 if second == "lazy" else 1
     eos = llm.token_eos()
 
     def greedy(n: int) -> tuple[list[int], int]:
@@ -278,22 +283,24 @@ def test_a_prompt_policy_composes_with_a_decode_time_one(model_path):
     try:
         prompt = prompt_tokens(llm, 18)
         assert 300 < len(prompt) < 500
-        llm.configure_kv_eviction("snapkv", kv_keep=0.3)
-        alone, _ = greedy(24)
+        llm.configure_kv_eviction(first, kv_keep=0.3, kv_window=32, kv_head_profile=None)
+        alone, _ = greedy(32)
         kept_alone = llm.kv_stats()["cells_after"]
-        llm.configure_kv_eviction("snapkv+lazy", kv_keep=0.3, kv_lazy_window=32)
+        llm.configure_kv_eviction(f"{first}+{second}", kv_keep=0.3, kv_head_profile=None, **window)
         settings = llm.kv_settings
-        assert (settings.window, settings.evict_every, settings.granularity) == (32, 32, "head")
+        assert (settings.window, settings.evict_every) == (32, every)
         composed, peak = greedy(1024)
         stats = llm.kv_stats()
-        assert composed[:24] == alone  # no decode-time eviction before the 32nd token
-        budget = stats["history"][0]["cells_after"]  # the prompt's eviction: snapkv's 30%
+        # the same prompt eviction (the last one of the prompt's: kvzip evicts its scratch cells before)
+        budget = next(h["cells_after"] for h in stats["history"] if h["cells_before"] <= len(prompt))
         assert budget == kept_alone and budget < 0.4 * len(prompt)
-        assert peak <= budget + 32 and stats["evictions"] >= 1024 // 32 - 1
+        assert composed[:every] == alone[:every]  # no decode-time eviction before then
+        assert peak <= budget + every and stats["evictions"] >= 1024 // every - 1
         positions = llm.kv_positions()
-        assert positions[-1] == llm.n_tokens - 1 == len(prompt) + 1023 and positions.size <= budget + 32
+        assert positions[-1] == llm.n_tokens - 1 == len(prompt) + 1023 and positions.size <= budget + every
         policy = llm.kv_controller.policy
-        assert policy.decoding and policy.decode.last_seen.n_cells == positions.size  # its state follows the cells
+        state = policy.decode.cell_states()[0]
+        assert policy.decoding and state.n_cells == positions.size  # its state follows the cells
     finally:
         llm.close()
 

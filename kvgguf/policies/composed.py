@@ -90,6 +90,7 @@ class ComposedPolicy(Policy):
 
     def begin_decode(self) -> None:
         self.decoding = True
+        self.prompt.reset()  # its scores served the prompt's eviction; the decode-time policy's count from here
         self.decode.begin_decode()
 
     # --- decode time: the decode-time policy --------------------------------------------------------------------
@@ -107,10 +108,10 @@ class ComposedPolicy(Policy):
     # --- state --------------------------------------------------------------------------------------------------
 
     def cell_states(self) -> tuple[CellState, ...]:
-        return self.prompt.cell_states() + self.decode.cell_states()
+        return self.active.cell_states()
 
     def kept_scores(self) -> npt.NDArray[np.float32] | None:
-        return self.prompt.kept_scores()
+        return None if self.decoding else self.prompt.kept_scores()
 
     def resume(self, scores: npt.NDArray[np.float32]) -> None:
         self.prompt.resume(scores)
