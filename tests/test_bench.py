@@ -380,14 +380,14 @@ def test_bench_reasoning_keeps_each_policy_within_its_budget(tmp_path, model_pat
     answer stayed within budget + window (lazy) or budget + 1 (the others, every token), the full cache was scored
     by reasoning-gym's own check, and a second run resumes from the rows file instead of answering again."""
     arguments = ["bench", "reasoning", "-m", model_path, "--tasks", "basic_arithmetic", "--samples", "2",
-                 "--policies", "lazy,streaming", "--budgets", "0.5", "--max-tokens", "48", "--window", "8",
+                 "--policies", "lazy,streaming:half", "--budgets", "0.5", "--max-tokens", "48", "--window", "8",
                  "--n-ctx", "512", "-o", str(tmp_path)]
     assert main(arguments) == 0
     results = json.loads((tmp_path / "reasoning.json").read_text())
     schema.check("reasoning", results)
     assert (tmp_path / "reasoning.md").exists() and (tmp_path / "reasoning.png").stat().st_size > 0
     rows = results["rows"]
-    assert {(r["policy"], r["budget"]) for r in rows} == {("full", 1.0), ("lazy", 0.5), ("streaming", 0.5)}
+    assert {(r["policy"], r["budget"]) for r in rows} == {("full", 1.0), ("lazy", 0.5), ("streaming:half", 0.5)}
     full = {r["seed"]: r for r in rows if r["policy"] == "full"}
     for row in rows:
         assert row["score"] in (0.0, 1.0)
@@ -396,6 +396,7 @@ def test_bench_reasoning_keeps_each_policy_within_its_budget(tmp_path, model_pat
             continue
         assert row["kv_budget"] == row["prompt_tokens"] + math.ceil(0.5 * full[row["seed"]]["answer_tokens"])
         assert row["peak_cells"] <= row["kv_budget"] + (8 if row["policy"] == "lazy" else 1)
+        assert row["window"] == (8 if row["policy"] == "lazy" else (row["kv_budget"] - 5) // 2)
         overflow = row["prompt_tokens"] + row["answer_tokens"] - row["kv_budget"]  # cells past the budget
         assert row["evictions"] <= max(overflow, 0) + 1  # this answer's evictions, not the model's so far
         if overflow > 8:
@@ -412,6 +413,7 @@ def test_bench_reasoning_keeps_each_policy_within_its_budget(tmp_path, model_pat
     (["--samples", "0"], "--samples must be >= 1, got 0"),
     (["--tasks", "no_such_task"], "--tasks: 'no_such_task' is not a reasoning-gym dataset"),
     (["--window", "0"], "--window must be >= 1, got 0"),
+    (["--policies", "lazy:half"], "--policies: 'lazy:half': the one variant is '<policy>:half'"),
 ])
 def test_bench_reasoning_refuses_bad_arguments_by_name(model_path, capsys, arguments, message):
     with pytest.raises(SystemExit) as exit_info:

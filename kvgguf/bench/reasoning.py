@@ -12,7 +12,8 @@ number in the right form: wrong).
 Per problem the full cache answers first; its answer length L sets the budgets: ``kv_budget = prompt +
 ceil(budget * L)`` cells for budget 0.25 / 0.5 / 0.75. The prompt is kept at prefill (the reference harness does
 not compress it) and every cell is evictable while decoding. Every policy gets the same recent window W (the
-model's LazyEviction window, ``kv_lazy_window``: shipped calibration or ``--window``) and sinks; LazyEviction
+model's LazyEviction window, ``kv_lazy_window``: shipped calibration or ``--window``; ``h2o:half`` instead keeps
+half the budget recent, as the H2O paper splits it) and sinks; LazyEviction
 evicts every W tokens (the cache grows to at most budget + W), the others every token (StreamingLLM through
 ``kv_evict_every=1``). Per policy x budget: accuracy with a paired bootstrap interval against the full cache,
 greedy-token agreement with the full cache's answer (position by position over its first ``--agreement-tokens``),
@@ -41,6 +42,7 @@ from ..calibrate_lazy import INSTRUCTION
 from ..llama import Llama
 from ..models import resolve_model
 from ..policies import POLICIES
+from ..settings import DEFAULT_SINK
 from . import report
 from .accuracy import paired, paired_table
 
@@ -48,6 +50,7 @@ logger = logging.getLogger(__name__)
 
 DATASET_SEED = 20_251_207  # reasoning-gym's seed for every task; problem i is the dataset's entry i
 FULL = "full"
+HALF = "half"  # "h2o:half": the recent window is half the budget, as the H2O paper splits it (recent : heavy = 1 : 1)
 DECODE_TIME_POLICIES = ("lazy", "h2o", "tova", "streaming")
 REASONING_GYM_MISSING = "kvgguf bench reasoning generates its problems with reasoning-gym: pip install 'kvgguf[bench]'"
 _BOXED = "\\boxed{"
@@ -192,9 +195,12 @@ def measure_one(llm: Llama, prompt: list[int], policy: str, budget: float, windo
     else:
         assert full is not None
         kv_budget = budget_cells(len(prompt), len(full["tokens"]), budget)
-        every = {"kv_lazy_window": window} if POLICIES[policy].tracks_recurrence else \
+        name, _, variant = policy.partition(":")
+        if variant == HALF:  # the budget beyond the sinks split evenly: recent cells and scored ones
+            window = max(1, (kv_budget - DEFAULT_SINK - 1) // 2)
+        every = {"kv_lazy_window": window} if POLICIES[name].tracks_recurrence else \
             {"kv_window": window, "kv_evict_every": 1}
-        llm.configure_kv_eviction(policy, kv_budget=kv_budget, kv_head_profile=None, **every)
+        llm.configure_kv_eviction(name, kv_budget=kv_budget, kv_head_profile=None, **every)
     evictions_before = llm.kv_stats()["evictions"]  # kv_stats counts over the model's life
     result = answer(llm, prompt, max_tokens)
     tokens = result["tokens"]
@@ -255,7 +261,8 @@ def markdown(results: dict[str, Any]) -> str:
              f"dataset seed {DATASET_SEED}); greedy answers of at most {results['max_tokens']} tokens, scored by "
              "the generator's answer check on the last `\\boxed{}` (else the last number). Budget b: kv_budget = "
              "prompt + ceil(b x the full cache's answer length on that problem); every policy keeps the same "
-             f"recent window W = {results['window']} and {results['sink']} sinks; lazy evicts every W tokens, the "
+             f"recent window W = {results['window']} (the model's LazyEviction window; `<policy>:half`: half the "
+             f"budget, H2O's own split) and {results['sink']} sinks; lazy evicts every W tokens, the "
              "others every token. Agreement: the share of the full cache's first "
              f"{results['agreement_tokens']} answer tokens repeated at the same position. Decode speed: median "
              "of the per-problem ratios to the full cache.", "",
@@ -335,12 +342,14 @@ def model_window(model: str, window: int | None) -> int:
 def main(args: argparse.Namespace) -> int:
     from importlib import metadata
 
-    from ..settings import DEFAULT_SINK
-
     for policy in args.policies:
-        if policy not in POLICIES or not POLICIES[policy].evicts_while_decoding:
-            raise ValueError(f"--policies: {policy!r} is not a policy that evicts while decoding; known: "
+        name, _, variant = policy.partition(":")
+        if name not in POLICIES or not POLICIES[name].evicts_while_decoding:
+            raise ValueError(f"--policies: {name!r} is not a policy that evicts while decoding; known: "
                              f"{sorted(p for p, c in POLICIES.items() if c.evicts_while_decoding)}")
+        if variant not in ("", HALF) or (variant and POLICIES[name].tracks_recurrence):
+            raise ValueError(f"--policies: {policy!r}: the one variant is '<policy>:{HALF}' (a recent window of half "
+                             "the budget), for a policy whose window is not its observation window")
     for budget in args.budgets:
         if not 0.0 < budget < 1.0:
             raise ValueError(f"--budgets: {budget} is not in (0, 1)")
@@ -378,7 +387,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tasks", type=lambda t: t.split(","), default=["gsm_symbolic"],
                         help="reasoning-gym datasets, comma-separated")
     parser.add_argument("--policies", type=lambda t: t.split(","), default=list(DECODE_TIME_POLICIES),
-                        help="decode-time policies, comma-separated (the full cache always runs)")
+                        help="decode-time policies, comma-separated (the full cache always runs); '<policy>:half' "
+                        "keeps a recent window of half the budget instead of W (H2O's own split)")
     parser.add_argument("--budgets", type=lambda t: [float(x) for x in t.split(",")], default=[0.25, 0.5, 0.75],
                         help="shares of the full cache's answer length the cache keeps beyond the prompt")
     parser.add_argument("--samples", type=int, default=30, help="problems per task")
