@@ -288,7 +288,8 @@ def markdown(results: dict[str, Any]) -> str:
                      " | ".join(f"{entry[t]:.3f}" for t in results["tasks"]) + " |")
     lines += [""] + paired_table("Paired against the full cache", "Problem by problem, 95% paired bootstrap "
                                  "intervals; differ = problems scored differently.", "partner", "full",
-                                 [{**p, "setting": "reasoning", "keep": p["budget"]} for p in results["paired"]])
+                                 [{**p, "setting": "reasoning", "keep": p["budget"]} for p in results["paired"]],
+                                 keep_header="budget")
     return "\n".join(lines) + "\n"
 
 
