@@ -202,8 +202,8 @@ def paired_table(title: str, intro: str, partner_key: str, partner_header: str,
                  entries: list[dict[str, Any]], keep_header: str = "keep") -> list[str]:
     """A markdown section of ``paired`` comparisons."""
     lines = [f"## {title}", "", intro, "",
-             f"| setting | policy | {partner_header} | {keep_header} | n | policy mean | {partner_header} mean | difference | "
-             "95% interval | differ |", "|---|---|---|---|---|---|---|---|---|---|"]
+             f"| setting | policy | {partner_header} | {keep_header} | n | policy mean | {partner_header} mean | "
+             "difference | 95% interval | differ |", "|---|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {p['setting']} | {p['policy']} | {p[partner_key]} | {p['keep']} | {p['n']} | {p['ours']:.3f} | "
               f"{p['theirs']:.3f} | {p['difference']:+.3f} | [{p['ci95'][0]:+.3f}, {p['ci95'][1]:+.3f}] | "
               f"{p['n_differ']} |" for p in entries]

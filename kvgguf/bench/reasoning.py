@@ -256,8 +256,8 @@ def markdown(results: dict[str, Any]) -> str:
     lines = ["# kvgguf bench reasoning", "",
              f"`{env['command']}` — commit `{env['commit']}`, {env['cpu']}, {env['threads']} threads, "
              f"OMP_WAIT_POLICY={env['omp_wait_policy']}.", "",
-             f"Model `{results['model']}`; reasoning-gym {results['reasoning_gym']} tasks {', '.join(results['tasks'])} "
-             f"(problems {results['first_seed']}..{results['first_seed'] + results['samples'] - 1} of each, "
+             f"Model `{results['model']}`; reasoning-gym {results['reasoning_gym']} tasks "
+             f"{', '.join(results['tasks'])} (problems {results['first_seed']}..{results['first_seed'] + results['samples'] - 1} of each, "
              f"dataset seed {DATASET_SEED}); greedy answers of at most {results['max_tokens']} tokens, scored by "
              "the generator's answer check on the last `\\boxed{}` (else the last number). Budget b: kv_budget = "
              "prompt + ceil(b x the full cache's answer length on that problem); every policy keeps the same "
@@ -387,7 +387,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     report.add_common_arguments(parser)
     parser.add_argument("--tasks", type=lambda t: t.split(","), default=["gsm_symbolic"],
                         help="reasoning-gym datasets, comma-separated")
-    parser.add_argument("--policies", type=lambda t: t.split(","), default=list(DECODE_TIME_POLICIES),
+    parser.add_argument("--policies", type=lambda t: t.split(","), default=list(DECODE_TIME_POLICIES) + ["h2o:half"],
                         help="decode-time policies, comma-separated (the full cache always runs); '<policy>:half' "
                         "keeps a recent window of half the budget instead of W (H2O's own split)")
     parser.add_argument("--budgets", type=lambda t: [float(x) for x in t.split(",")], default=[0.25, 0.5, 0.75],
