@@ -27,7 +27,7 @@ from .head_profile import AUTO, resolve_profile
 from .calibrate_lazy import lazy_defaults
 from .lookahead import LookaheadRuntime, resolve_lookahead
 from .models import check_gguf_file
-from .policies import POLICIES, policy_class
+from .policies import policy_class
 from .scoring import ScoringContext
 from .settings import DEFAULT_SINK, EvictionSettings, validate_settings
 

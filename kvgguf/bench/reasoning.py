@@ -361,6 +361,8 @@ def main(args: argparse.Namespace) -> int:
     problems = load_problems(args.tasks, args.first_seed, args.samples)
     model = str(resolve_model(args.model))
     window = model_window(model, args.window)
+    logger.info("%d problems; recent window W = %d; budgets %s of the full answer beyond the prompt",
+                len(problems), window, args.budgets)
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
     env = report.environment(args.threads)
