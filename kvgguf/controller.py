@@ -344,7 +344,10 @@ class EvictionController:
         if not policy.observes_decode or (prompt and policy.scores_prompt):
             return self.host.decode_tokens(tokens)
         position = self.host.n_tokens
-        self.scoring.observe(position, position + len(tokens), TapSpec(rows="mean", heads=policy.decode_heads))
+        # over one query, any reduction of the rows is that query's: take the heads' own, so that the tap reduces
+        # both in its graph (and the graph of one decode step is reused at the next)
+        rows = policy.decode_heads if len(tokens) == 1 else "mean"
+        self.scoring.observe(position, position + len(tokens), TapSpec(rows=rows, heads=policy.decode_heads))
         try:
             self.host.decode_tokens(tokens)
             attention = self.scoring.observed()

@@ -47,7 +47,7 @@ class AttentionTap:
             def read(out, n: int) -> int:
                 return libllama.llama_attn_tap_get_tier(self.ctx, tier, seq_id, out, n)
         n = check_kv(read(None, 0), "attn_tap_get")
-        out = np.zeros((self.n_layer, self.n_head_kv, n), dtype=np.float32)
+        out = np.empty((self.n_layer, self.n_head_kv, n), dtype=np.float32)  # every entry is written
         if n:
             check_kv(read(out.ctypes.data_as(_float_p), n), "attn_tap_get")
         return out

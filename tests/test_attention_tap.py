@@ -146,3 +146,51 @@ def test_tap_bad_requests_fail(raw_model):
             tap.scores(0)
     finally:
         ctx.close()
+
+
+def graphs_reused(ctx) -> int:
+    from kvgguf._native import llama_cpp_api
+
+    return llama_cpp_api.llama_perf_context(ctx).n_reused
+
+
+N_STEPS = 12
+
+
+def reference_step(capture: SoftMaxCapture, position: int, n_head_kv: int, reduce_heads: str) -> np.ndarray:
+    """One decoded token's probabilities over the position + 1 cells, per (layer, KV group)."""
+    (call,) = [call for call in capture.calls if call]
+    n_layer = max(call) + 1
+    probs = np.stack([call[il][:, 0, :position + 1] for il in range(n_layer)])  # [n_layer, n_head, n_cells]
+    grouped = probs.reshape(n_layer, n_head_kv, -1, position + 1)
+    return grouped.max(axis=2) if reduce_heads == "max" else grouped.mean(axis=2)
+
+
+@pytest.mark.parametrize("reduce_rows,reduce_heads", [("max", "max"), ("mean", "mean"), ("mean", "max")],
+                         ids=["heads-in-graph-max", "heads-in-graph-mean", "heads-on-read"])
+def test_tap_around_every_decode_step(raw_model, reduce_rows, reduce_heads):
+    """Decode-time policies start the tap around each decode step: each step's scores are that token's softmax,
+    and one step's graph is reused at the next (the observers are row 0 every time) while the tap is on."""
+    tokens = raw_model.tokenize(haystack(12))[:N_STEPS + 80]
+    capture = SoftMaxCapture()
+    ctx = RawContext(raw_model, n_ctx=512, cb_eval=capture)
+    try:
+        ctx.decode(tokens[:80])
+        tap = AttentionTap(ctx.ctx, raw_model.n_layer, raw_model.n_head_kv)
+        reused_before = graphs_reused(ctx.ctx)
+        for step, token in enumerate(tokens[80:]):
+            position = 80 + step
+            capture.calls = [{}]
+            tap.start(0, position, position + 1, reduce_rows, reduce_heads)
+            ctx.decode([token], positions=[position])
+            assert tap.n_rows() == 1
+            scores = tap.scores(0)
+            tap.stop()
+            expected = reference_step(capture, position, raw_model.n_head_kv, reduce_heads)
+            np.testing.assert_allclose(scores, expected, rtol=1e-5, atol=1e-7)
+            assert abs(scores.sum(axis=2) - 1.0).max() < 1e-3 or reduce_heads == "max"
+        # the first step builds the graph with the tap; KV cells grow past a padding boundary at most once here
+        assert graphs_reused(ctx.ctx) - reused_before >= N_STEPS - 2
+    finally:
+        ctx.close()
+
