@@ -148,6 +148,8 @@ _declare(libkvgguf, "kvgguf_api_version", [], _int32)
 _declare(libkvgguf, "kvgguf_maxpool1d", [_float_p, _float_p, _int64, _int64, _int32], _int32)
 _declare(libkvgguf, "kvgguf_reduce_rows", [_float_p, _float_p, _int64, _int64, _int64, _int32], _int32)
 _declare(libkvgguf, "kvgguf_select_topk", [_float_p, _uint8_p, _int64, _int64, _int64, _int32_p], _int32)
+_declare(libkvgguf, "kvgguf_lazy_observe",
+         [_float_p, _int64, _int32_p, _int32_p, _int64, _int64, _int64, _int32, ctypes.c_float], _int32)
 
 # llama_kv_evict_error, mirrored from the patched llama.h
 KV_EVICT_ERRORS = {

@@ -68,3 +68,44 @@ def select_topk(scores: npt.ArrayLike, k: int, protect: npt.ArrayLike | None = N
         f"select_topk(k={k}, n={rows.shape[1]})",
     )
     return keep.reshape(np.shape(scores)[:-1] + (k,))
+
+
+def _row_stride(array: npt.NDArray, dtype: type) -> int:
+    """Elements between the rows of ``array`` ([..., n]), whose rows must be equally spaced with contiguous
+    cells (a C-contiguous array, or the first n cells of every row of one)."""
+    if array.dtype != dtype:
+        raise ValueError(f"expected {np.dtype(dtype).name}, got {array.dtype.name}")
+    item = array.itemsize
+    if array.ndim == 0 or (array.shape[-1] > 1 and array.strides[-1] != item):
+        raise ValueError("the cells of each row must be contiguous")
+    if array.ndim == 1:
+        return array.shape[-1]
+    stride = array.strides[-2] // item
+    for axis in range(array.ndim - 2):
+        if array.shape[axis] > 1 and array.strides[axis] != array.strides[axis + 1] * array.shape[axis + 1]:
+            raise ValueError("the rows must be equally spaced")
+    return stride
+
+
+def lazy_observe(attention: FloatArray, last_seen: npt.NDArray[np.int32], recurrence: npt.NDArray[np.int32],
+                 step: int, alpha: float) -> None:
+    """LazyEviction's update for the token decoded at ``step``, in place: where ``attention`` >= ``alpha``, the
+    recurrence interval becomes max(MRI, step - TS) and the last-seen step TS becomes ``step``. All three arrays
+    have the same shape ([..., n_cells]); the state may be a view of the first cells of a larger buffer."""
+    if not (attention.shape == last_seen.shape == recurrence.shape):
+        raise ValueError(f"shapes differ: attention {attention.shape}, last_seen {last_seen.shape}, "
+                         f"recurrence {recurrence.shape}")
+    n_cells = attention.shape[-1] if attention.ndim else 0
+    if attention.size == 0:
+        return
+    state_stride = _row_stride(last_seen, np.int32)
+    if _row_stride(recurrence, np.int32) != state_stride:
+        raise ValueError("last_seen and recurrence must have the same layout")
+    int_p = ctypes.POINTER(ctypes.c_int32)
+    check_kvgguf(
+        libkvgguf.kvgguf_lazy_observe(
+            attention.ctypes.data_as(_float_p), _row_stride(attention, np.float32),
+            last_seen.ctypes.data_as(int_p), recurrence.ctypes.data_as(int_p), state_stride,
+            attention.size // n_cells, n_cells, int(step), float(alpha)),
+        f"lazy_observe(step={step}, alpha={alpha})",
+    )

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from kvgguf._native import NativeError
-from kvgguf.scores import maxpool1d, reduce_groups, select_topk
+from kvgguf.scores import lazy_observe, maxpool1d, reduce_groups, select_topk
 
 
 def test_maxpool_matches_numpy_reference():
@@ -49,3 +49,36 @@ def test_select_topk_keeps_protected_then_best():
         select_topk(scores, 2, protect)                 # three protected cells do not fit in two
     with pytest.raises(NativeError, match="budget"):
         select_topk(scores, 9)
+
+
+def test_lazy_observe_matches_numpy_on_views_of_a_growing_buffer():
+    """LazyEviction's update in place on the first cells of wider buffers (how CellState grows), against the
+    NumPy definition: where attention >= alpha, MRI = max(MRI, step - TS) and TS = step."""
+    rng = np.random.default_rng(2)
+    n_layer, n_head_kv, n, capacity, alpha = 4, 3, 50, 64, 0.02
+    seen_buffer = rng.integers(0, 100, (n_layer, n_head_kv, capacity), dtype=np.int32)
+    recurrence_buffer = rng.integers(0, 30, (n_layer, n_head_kv, capacity), dtype=np.int32)
+    last_seen, recurrence = seen_buffer[..., :n], recurrence_buffer[..., :n]
+    expected_seen, expected_recurrence = last_seen.copy(), recurrence.copy()
+    for step in range(100, 140):
+        attention = (rng.random((n_layer, n_head_kv, n + 1)) * 0.04).astype(np.float32)[..., :n]
+        attended = attention >= np.float32(alpha)
+        expected_recurrence = np.where(attended, np.maximum(expected_recurrence, step - expected_seen),
+                                       expected_recurrence)
+        expected_seen = np.where(attended, step, expected_seen)
+        lazy_observe(attention, last_seen, recurrence, step, alpha)
+        assert np.array_equal(last_seen, expected_seen) and np.array_equal(recurrence, expected_recurrence)
+    assert (seen_buffer[..., n:] < 100).all()  # the room past the cells is not touched
+
+
+def test_lazy_observe_refuses_mismatched_arrays():
+    attention = np.zeros((2, 3, 8), dtype=np.float32)
+    state = np.zeros((2, 3, 8), dtype=np.int32)
+    with pytest.raises(ValueError, match="shapes differ"):
+        lazy_observe(attention[..., :7], state, state.copy(), 1, 0.1)
+    with pytest.raises(ValueError, match="int32"):
+        lazy_observe(attention, state.astype(np.int64), state.copy(), 1, 0.1)
+    with pytest.raises(ValueError, match="contiguous"):
+        lazy_observe(attention[..., ::2], state[..., ::2], state.copy()[..., ::2], 1, 0.1)
+    with pytest.raises(ValueError, match="same layout"):
+        lazy_observe(attention[..., :4], state[..., :4], np.zeros((2, 3, 4), dtype=np.int32), 1, 0.1)

@@ -34,7 +34,10 @@ class H2OPolicy(Policy):
         if self.received.values is None:
             self.received.values = np.zeros_like(attention)
         received = self.received.extend(positions.size)
-        received += attention * np.float32(n_queries)  # the tap's mean over the queries, back to their sum
+        if n_queries == 1:
+            received += attention  # in place: this runs at every decoded token
+        else:
+            received += attention * np.float32(n_queries)  # the tap's mean over the queries, back to their sum
 
     def score(self, scoring: ScoringContext) -> npt.NDArray[np.float32]:
         n_cells = scoring.cache.n_cells()

@@ -23,6 +23,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ..engine import CellState
+from ..scores import lazy_observe
 from ..scoring import ScoringContext
 from .base import Policy
 
@@ -63,14 +64,10 @@ class LazyEvictionPolicy(Policy):
         last_seen = self.last_seen.extend(positions.size)
         recurrence = self.recurrence.extend(positions.size)
         last_seen[..., n_old:] = self.step  # new cells are seen at this step (a prompt piece's all at once)
-        old_seen, old_recurrence = last_seen[..., :n_old], recurrence[..., :n_old]
-        attended = attention[..., :n_old] >= np.float32(self.settings.lazy_alpha)
-        # plain ufuncs, in place where they can be (this runs at every decoded token): the gap since each
-        # attended cell was last seen, 0 elsewhere; MRI = max(MRI, gap); TS + gap = the step where attended
-        gap = np.subtract(self.step, old_seen, dtype=np.int32)
-        np.multiply(gap, attended, out=gap)
-        np.maximum(old_recurrence, gap, out=old_recurrence)
-        np.add(old_seen, gap, out=old_seen)
+        # the cells attended at >= alpha: MRI = max(MRI, step - TS), TS = step; in place, in one native pass (this
+        # runs at every decoded token)
+        lazy_observe(attention[..., :n_old], last_seen[..., :n_old], recurrence[..., :n_old], self.step,
+                     self.settings.lazy_alpha)
 
     def score(self, scoring: ScoringContext) -> npt.NDArray[np.float32]:
         n_cells = scoring.cache.n_cells()

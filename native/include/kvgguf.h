@@ -54,6 +54,15 @@ KVGGUF_API int32_t kvgguf_reduce_rows(const float * scores, float * out, int64_t
 KVGGUF_API int32_t kvgguf_select_topk(const float * scores, const uint8_t * protect, int64_t n_rows, int64_t n,
                                       int64_t k, int32_t * keep);
 
+// LazyEviction's per-step state update (decode-time eviction, one decoded token at `step`): for every row
+// r < n_rows (a layer's KV head) and cell c < n_cells where the token's attention attention[r][c] >= alpha,
+//   recurrence[r][c] = max(recurrence[r][c], step - last_seen[r][c]);  last_seen[r][c] = step.
+// Other cells are left as they are. Rows start attention_stride (attention) and state_stride (last_seen and
+// recurrence) elements apart, so that the state can be rows of a larger buffer; both strides must be >= n_cells.
+KVGGUF_API int32_t kvgguf_lazy_observe(const float * attention, int64_t attention_stride, int32_t * last_seen,
+                                       int32_t * recurrence, int64_t state_stride, int64_t n_rows, int64_t n_cells,
+                                       int32_t step, float alpha);
+
 #ifdef __cplusplus
 }
 #endif
