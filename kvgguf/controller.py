@@ -350,7 +350,7 @@ class EvictionController:
         self.scoring.observe(position, position + len(tokens), TapSpec(rows=rows, heads=policy.decode_heads))
         try:
             self.host.decode_tokens(tokens)
-            attention = self.scoring.observed()
+            attention = self.scoring.observed(scratch=True)  # observe_step reads it, keeps a copy if anything
         finally:
             self.scoring.stop()
         if attention is not None:

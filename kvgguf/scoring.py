@@ -178,10 +178,13 @@ class ScoringContext:
     def observing(self) -> bool:
         return self._observing
 
-    def observed(self) -> npt.NDArray[np.float32] | None:
-        """[n_layer, n_head_kv, n_cells] gathered since ``observe``; None if no observed query was decoded."""
+    def observed(self, scratch: bool = False) -> npt.NDArray[np.float32] | None:
+        """[n_layer, n_head_kv, n_cells] gathered since ``observe``; None if no observed query was decoded.
+        ``scratch``: in the tap's memory, valid until the next scratch read (``AttentionTap.scores``)."""
         if not self._observing or self.tap.n_rows() == 0:
             return None
+        if scratch and self.tiers is None:
+            return self.tap.scores(self.host.seq_id, scratch=True)
         return self._tap_scores(self.host.seq_id)
 
     def stop(self) -> None:

@@ -76,8 +76,9 @@ in_halves docs/benchmarks/lookahead 20 --tasks niah_single,niah_multikey,niah_mu
     --samples 20 --settings query-aware -o docs/benchmarks/lookahead/full-cache
 "$kvgguf" bench scores --policies lookahead,snapkv,kvzip -o docs/benchmarks/lookahead
 "$kvgguf" bench speed --policies lookahead,snapkv --no-baseline -o docs/benchmarks/lookahead
-# decode-time policies: what following every decoded token costs h2o, tova and lazy at 1K / 2K / 4K cells
-"$kvgguf" bench speed --lengths 1024 --policies streaming --rounds 4 --prefill-rounds 1 --no-baseline \
+# decode-time policies: what following every decoded token costs h2o, tova and lazy at 1K / 2K / 4K cells (one
+# thread: two under OMP_WAIT_POLICY=PASSIVE spend a decode step in thread wake-ups, noisier than what is measured)
+"$kvgguf" bench speed --lengths 1024 --policies streaming --rounds 8 --prefill-rounds 1 --no-baseline --threads 1 \
     --tracking h2o,tova,lazy -o docs/benchmarks/decode-tracking
 # LazyEviction beside H2O, TOVA and StreamingLLM on step-by-step answers (Qwen2.5-Coder-1.5B, the largest model
 # here: 22 PyPI wheels): the model's calibration (kvgguf/lazy_windows/) first, then 30 gsm_symbolic problems in

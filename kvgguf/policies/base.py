@@ -124,7 +124,8 @@ class Policy(ABC):
         """(``observes_decode`` policies) The attention that the ``n_queries`` tokens of one decode call paid the
         cells at ``positions`` (those tokens' own cells included), [n_layer, n_head_kv, n_cells]: the mean over the
         tokens, the query heads of each KV group reduced by ``decode_heads``. One token per call while
-        generating; a prompt piece or a continuation is one call."""
+        generating; a prompt piece or a continuation is one call. ``attention`` is the tap's memory, overwritten at
+        the next step: keep a copy of what must outlive the call."""
 
     # --- state --------------------------------------------------------------------------------------------------
 

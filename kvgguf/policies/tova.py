@@ -30,7 +30,11 @@ class TOVAPolicy(Policy):
 
     def observe_step(self, attention: npt.NDArray[np.float32], positions: npt.NDArray[np.int32],
                      n_queries: int) -> None:
-        self.current.values = attention.copy()
+        n_cells = attention.shape[-1]
+        if self.current.values is None or self.current.n_cells > n_cells:
+            self.current.values = attention.copy()
+        else:  # grown by this step's cells: into the state's room (attention is the tap's, overwritten next step)
+            np.copyto(self.current.extend(n_cells), attention)
 
     def score(self, scoring: ScoringContext) -> npt.NDArray[np.float32]:
         n_cells = scoring.cache.n_cells()
