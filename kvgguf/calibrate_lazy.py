@@ -14,6 +14,7 @@ the other models of its architecture (``general.architecture``: the family's def
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import math
@@ -60,24 +61,18 @@ def calibration_prompts(n: int, seed0: int = SEED0) -> list[str]:
 
 def measure(model: str, n_prompts: int, max_tokens: int, alpha: float, threads: int) -> dict[str, Any]:
     """Every cell's MRI (over its layers and KV heads) after the model's greedy answer to each prompt."""
-    from ._native import llama_cpp_api
+    from .chat import chat_prompt_tokens, greedy_tokens
     from .llama import Llama
 
     n_ctx = 512 + max_tokens
     # W = 1: the window plays no part when nothing is evicted (the budget is above any answer)
     llm = Llama(model, n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, verbose=False,
                 kv_eviction="lazy", kv_budget=n_ctx - 1, kv_lazy_window=1, kv_lazy_alpha=alpha)
-    vocab = llama_cpp_api.llama_model_get_vocab(llm.model)
     recurrences, answers = [], []
     try:
         for text in tqdm(calibration_prompts(n_prompts), desc="calibrate-lazy", unit="prompt"):
-            prompt = llm.tokenize(llm.chat_formatter()(messages=[{"role": "user", "content": text}]).prompt.encode(),
-                                  add_bos=False, special=True)
-            n_answer = 0
-            for token in llm.generate(prompt, temp=0.0, top_k=1, repeat_penalty=1.0):
-                if llama_cpp_api.llama_vocab_is_eog(vocab, token) or n_answer >= max_tokens:
-                    break
-                n_answer += 1
+            prompt = chat_prompt_tokens(llm, [{"role": "user", "content": text}])
+            n_answer = sum(1 for _ in itertools.islice(greedy_tokens(llm, prompt), max_tokens))
             if llm.kv_stats()["evictions"]:
                 raise RuntimeError("the calibration evicted: its budget must stay above every answer")
             recurrences.append(llm.kv_controller.policy.recurrence.values.ravel().copy())

@@ -3,12 +3,13 @@ reconstructed), the end of a user turn (where a scoring request or a question cl
 context sits inside a chat (``ChatLayout``)."""
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
-from ._native import llama_cpp
+from ._native import llama_cpp, llama_cpp_api
 
 CONTEXT_MARK = "\x00kvgguf-context\x00"  # stands where a context or a question goes when a chat is formatted
 
@@ -82,3 +83,19 @@ class ChatTemplate:
             self._default_head = self.user_turn_head(None)[1] if self.has_template else []
         head = self._default_head
         return len(head) if head and list(tokens[:len(head)]) == head else 0
+
+
+def chat_prompt_tokens(llm: llama_cpp.Llama, messages: Sequence[dict[str, Any]]) -> list[int]:
+    """The chat-formatted prompt of ``messages`` up to the assistant's header, as a chat completion decodes it."""
+    text = llm.chat_formatter()(messages=list(messages)).prompt
+    return llm.tokenize(text.encode(), add_bos=False, special=True)
+
+
+def greedy_tokens(llm: llama_cpp.Llama, prompt: Sequence[int], reset: bool = True) -> Iterator[int]:
+    """The model's greedy tokens after ``prompt``, up to its end-of-generation token (not yielded). Take as many
+    as wanted (``itertools.islice``): the token after the last one taken is never decoded."""
+    vocab = llama_cpp_api.llama_model_get_vocab(llm.model)
+    for token in llm.generate(list(prompt), reset=reset, temp=0.0, top_k=1, repeat_penalty=1.0):
+        if llama_cpp_api.llama_vocab_is_eog(vocab, token):
+            return
+        yield token

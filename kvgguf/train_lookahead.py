@@ -99,14 +99,11 @@ def greedy_response(llm: Any, prompt: list[int], max_tokens: int) -> list[int]:
     """The model's greedy answer to ``prompt``: up to its end of turn, ``max_tokens``, or the point where it
     repeats itself (its last ``LOOP_TOKENS`` tokens seen before in the answer: a small model's greedy decoding
     then loops to the limit, and the loop's attention repeats what the target has)."""
-    from ._native import llama_cpp_api
+    from .chat import greedy_tokens
 
-    vocab = llama_cpp_api.llama_model_get_vocab(llm.model)
     response: list[int] = []
     seen: set[tuple[int, ...]] = set()
-    for token in llm.generate(prompt, reset=True, temp=0.0, top_k=1, repeat_penalty=1.0):
-        if llama_cpp_api.llama_vocab_is_eog(vocab, token):
-            break
+    for token in greedy_tokens(llm, prompt):
         response.append(token)
         if len(response) >= max_tokens:
             break
@@ -117,17 +114,12 @@ def greedy_response(llm: Any, prompt: list[int], max_tokens: int) -> list[int]:
     return response
 
 
-def prompt_tokens(llm: Any, messages: tuple[dict[str, str], ...]) -> list[int]:
-    """The chat-formatted prompt up to the assistant's header, as a chat completion decodes it."""
-    text = llm.chat_formatter()(messages=list(messages)).prompt
-    return llm.tokenize(text.encode(), add_bos=False, special=True)
-
-
 def make_examples(settings: TrainSettings, split: str, n: int) -> list[Path]:
     """The cached examples of ``split`` (made where missing): prompt, response and target per file."""
     from tqdm import tqdm
 
     from . import Llama
+    from .chat import chat_prompt_tokens
 
     folder = Path(settings.work_dir) / split
     folder.mkdir(parents=True, exist_ok=True)
@@ -140,7 +132,7 @@ def make_examples(settings: TrainSettings, split: str, n: int) -> list[Path]:
         count = lambda text: len(llm.tokenize(text.encode(), add_bos=False))  # noqa: E731
         try:
             for seed, path in tqdm(missing, desc=f"lookahead data ({split})", unit="example"):
-                prompt = prompt_tokens(llm, make_prompt(seed, count).messages)
+                prompt = chat_prompt_tokens(llm, make_prompt(seed, count).messages)
                 response = greedy_response(llm, prompt, min(settings.max_response, n_ctx - len(prompt) - 1))
                 if not response:  # the model ends its turn at once: nothing attends
                     path.with_suffix(".skip").write_text("empty response\n")

@@ -19,6 +19,7 @@ import pytest
 import kvgguf
 import kvgguf.cli
 from kvgguf.bench.tasks import TASKS
+from kvgguf.chat import chat_prompt_tokens
 from kvgguf.lookahead import TARGETS, load_module
 from kvgguf.lookahead_data import HELDOUT_SEED0, KINDS, TRAIN_SEED0, make_prompt, seeds
 
@@ -68,7 +69,7 @@ def test_the_taps_target_equals_transformers_eager_attention(llm, model_path):
     count = count_with(llm)
     n_kv, n_head = hf.config.num_key_value_heads, hf.config.num_attention_heads
     for seed in (TRAIN_SEED0 + 2, TRAIN_SEED0 + 3):  # a prose and a source prompt
-        prompt = train_lookahead.prompt_tokens(llm, make_prompt(seed, count).messages)
+        prompt = chat_prompt_tokens(llm, make_prompt(seed, count).messages)
         response = train_lookahead.greedy_response(llm, prompt, 48)
         assert response
         target = train_lookahead.response_target(llm, prompt, response)

@@ -19,7 +19,7 @@ import numpy as np
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 from tqdm import tqdm
 
-from .._native import llama_cpp_api
+from ..chat import greedy_tokens
 from ..contexts import KVSnapshot
 from ..llama import Llama
 from ..models import resolve_model
@@ -65,12 +65,7 @@ def answer(llm: Llama, tokens: PromptTokens, setting: str, max_tokens: int,
     else:
         llm.prefill(tokens.context[n_done:], reset=prefix is None)
         rest = tokens.question
-    vocab = llama_cpp_api.llama_model_get_vocab(llm.model)
-    out: list[int] = []
-    for token in llm.generate(rest, reset=False, temp=0.0, top_k=1, repeat_penalty=1.0):
-        if llama_cpp_api.llama_vocab_is_eog(vocab, token) or len(out) >= max_tokens:
-            break
-        out.append(token)
+    out = list(itertools.islice(greedy_tokens(llm, rest, reset=False), max_tokens))
     return llm.detokenize(out).decode("utf-8", errors="ignore")
 
 

@@ -26,6 +26,7 @@ problems of the command's range.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import math
@@ -39,6 +40,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ..calibrate_lazy import INSTRUCTION
+from ..chat import chat_prompt_tokens, greedy_tokens
 from ..llama import Llama
 from ..models import resolve_model
 from ..policies import POLICIES
@@ -93,24 +95,19 @@ def load_problems(tasks: list[str], first: int, samples: int) -> list[dict[str, 
 def answer(llm: Llama, prompt: list[int], max_tokens: int) -> dict[str, Any]:
     """The model's greedy answer to ``prompt`` (at most ``max_tokens`` tokens, to its end-of-generation token):
     its tokens, the most cells the cache held, and the decode speed (tokens after the first, over their time)."""
-    from .._native import llama_cpp_api
-
-    vocab = llama_cpp_api.llama_model_get_vocab(llm.model)
     cache = llm.kv_controller.engine.cache
     tokens: list[int] = []
     peak = 0
     first_at = last_at = time.perf_counter()
-    for token in llm.generate(prompt, temp=0.0, top_k=1, repeat_penalty=1.0):
+    for token in itertools.islice(greedy_tokens(llm, prompt), max_tokens):
         last_at = time.perf_counter()
         if not tokens:
             first_at = last_at
         peak = max(peak, cache.n_cells())
-        if llama_cpp_api.llama_vocab_is_eog(vocab, token) or len(tokens) >= max_tokens:
-            break
         tokens.append(token)
     decode_s = last_at - first_at
     return {"tokens": tokens, "peak_cells": max(peak, cache.n_cells()),
-            "decode_tok_s": (len(tokens) / decode_s) if decode_s > 0 else None}
+            "decode_tok_s": ((len(tokens) - 1) / decode_s) if decode_s > 0 else None}
 
 
 def agreement(ours: list[int], full: list[int], n: int) -> float:
@@ -159,8 +156,7 @@ def run(llm: Llama, problems: list[dict[str, Any]], policies: list[str], budgets
     try:
         for problem in problems:
             text = f"{INSTRUCTION}\n{problem['question']}"
-            prompt = llm.tokenize(llm.chat_formatter()(messages=[{"role": "user", "content": text}]).prompt.encode(),
-                                  add_bos=False, special=True)
+            prompt = chat_prompt_tokens(llm, [{"role": "user", "content": text}])
             base = {"task": problem["task"], "seed": problem["seed"], "expected": problem["answer"],
                     "prompt_tokens": len(prompt)}
             full = None
