@@ -109,13 +109,16 @@ class Llama(llama_cpp.Llama):
                  kv_head_profile: str | os.PathLike[str] | None = AUTO, kv_tiers: int | None = None,
                  kv_lookahead: str | os.PathLike[str] | None = None, kv_lazy_window: int | None = None,
                  kv_lazy_alpha: float | None = None, **kwargs: Any) -> None:
+        # the settings are checked with the model's shipped LazyEviction calibration (its window bounds the budget)
+        # where the file can be read, and before the file itself, so that a bad setting is named first
+        try:
+            check_gguf_file(model_path)
+            calibrated = lazy_defaults(kv_eviction, model_path, kv_window, kv_lazy_window, kv_lazy_alpha)
+        except ValueError:
+            calibrated = (kv_lazy_window, kv_lazy_alpha)
         settings = validate_settings(kv_eviction, kv_keep, kv_budget, kv_window, kv_sink, kv_granularity,
-                                     kv_evict_every, kv_tiers, kv_lazy_window, kv_lazy_alpha)
+                                     kv_evict_every, kv_tiers, *calibrated)
         check_gguf_file(model_path)
-        calibrated = lazy_defaults(kv_eviction, model_path, kv_window, kv_lazy_window, kv_lazy_alpha)
-        if calibrated != (kv_lazy_window, kv_lazy_alpha):  # the model's shipped LazyEviction calibration
-            settings = validate_settings(kv_eviction, kv_keep, kv_budget, kv_window, kv_sink, kv_granularity,
-                                         kv_evict_every, kv_tiers, *calibrated)
         if kwargs.get("vocab_only"):
             # llama-cpp-python still creates a context, which llama.cpp aborts on for a weightless model
             raise ValueError("vocab_only=True is not supported by kvgguf.Llama (it needs a KV cache); use "

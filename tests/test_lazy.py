@@ -183,6 +183,18 @@ def test_bad_lazy_settings_are_refused_by_name(model_path):
         llm.close()
 
 
+def test_the_calibrated_window_bounds_the_budget_at_construction(model_path):
+    """A budget below the generic window (128) but above the model's calibrated one (26 + 4 sinks) is accepted by
+    the constructor, as by configure_kv_eviction; below the calibrated one it is refused by name."""
+    llm = Llama(model_path, n_ctx=256, n_threads=1, verbose=False, kv_eviction="lazy", kv_budget=64)
+    try:
+        assert llm.kv_settings.window == 26 and llm.kv_settings.budget == 64
+    finally:
+        llm.close()
+    with pytest.raises(ValueError, match="kv_budget=30 must exceed the protected cells kv_sink \\+ kv_window = 30"):
+        Llama(model_path, n_ctx=256, verbose=False, kv_eviction="lazy", kv_budget=30)
+
+
 def test_completions_run_past_n_ctx_as_without_eviction(model_path):
     """create_completion with max_tokens beyond n_ctx: 600 tokens in a 256-cell cache, streamed or not, the same
     text; a stop sequence cuts it as without eviction. (Without a policy llama-cpp-python stops at n_ctx.)"""
