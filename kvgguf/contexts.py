@@ -27,6 +27,7 @@ import numpy.typing as npt
 
 from ._native import BUILD_INFO, llama_cpp, llama_cpp_api
 from .chat import CONTEXT_MARK, ChatLayout
+from .scoring import ProgressCallback
 from .settings import DEFAULT_SINK, DEFAULT_WINDOW, validate_settings
 from .tiers import KVTierLayout, TierPlan
 
@@ -294,7 +295,8 @@ class ContextSession:
     # --- making one ---------------------------------------------------------------------------------------------
 
     def compress(self, context: str | Sequence[int], keep: float | None, budget: int | None, system: str | None,
-                 policy: str | None, granularity: str | None) -> CompressedContext:
+                 policy: str | None, granularity: str | None,
+                 progress: ProgressCallback | None = None) -> CompressedContext:
         llm = self.llm
         controller = llm.kv_controller
         tokens, chat, n_protected = self._context_tokens(context, system)
@@ -310,6 +312,7 @@ class ContextSession:
         settings = validate_settings(name, keep, budget, window, sink, granularity)
         if same_policy:
             settings = replace(settings, tiers=base.tiers)
+        controller.scoring.progress = progress
         try:
             with controller.using(settings, head=n_protected) as active:
                 llm.prefill(tokens)
@@ -319,6 +322,7 @@ class ContextSession:
                 if scores is not None and scores.shape[2] != positions.size:
                     scores = None  # nothing was evicted (the context fits the budget)
         finally:
+            controller.scoring.progress = None
             llm.reset()
         return CompressedContext(
             state=snapshot.data, tokens=snapshot.tokens.astype(np.int32), positions=positions,

@@ -307,6 +307,7 @@ class EvictionController:
                 # an eviction follows this piece: its last tokens may observe
                 policy.observe_prompt(self.scoring, self.host.n_tokens + len(piece))
             self._decode(piece, prompt=True)
+            self.scoring.report("prefill", start + len(piece), len(tokens))
         # leave room for the observation window (or the scoring decodes) of a later, decode-time eviction
         self.evict_to(self.engine.keep_budget(settings, self.protected_head, n_prompt_cells,
                                               cap_free=self.window + 2 + reserve))

@@ -28,7 +28,7 @@ from .calibrate_lazy import lazy_defaults
 from .lookahead import LookaheadRuntime, resolve_lookahead
 from .models import check_gguf_file
 from .policies import policy_class
-from .scoring import ScoringContext
+from .scoring import ProgressCallback, ScoringContext
 from .settings import DEFAULT_SINK, EvictionSettings, validate_settings
 
 SEQ_ID = 0  # llama_cpp.Llama decodes everything into sequence 0
@@ -311,8 +311,8 @@ class Llama(llama_cpp.Llama):
     # --- compressed contexts -----------------------------------------------------------------------------------
 
     def compress(self, context: str | Sequence[int], keep: float | None = None, budget: int | None = None,
-                 system: str | None = None, policy: str | None = None,
-                 granularity: str | None = None) -> CompressedContext:
+                 system: str | None = None, policy: str | None = None, granularity: str | None = None,
+                 progress: ProgressCallback | None = None) -> CompressedContext:
         """Prefill ``context`` and compress its cache before any question is known; returns a
         ``CompressedContext`` that ``ask`` and ``create_chat_completion(..., context=...)`` answer from.
 
@@ -320,8 +320,10 @@ class Llama(llama_cpp.Llama):
         with ``system``, if given); questions continue that turn. As token ids it is used as given, and questions
         are appended as raw tokens. The policy, keep/budget and granularity default to this ``Llama``'s settings
         (kvzip, keep 0.5 when it has none); the template's tokens before the context are never evicted. The cache
-        holds the compressed context afterwards, but the next call without ``context=`` starts over."""
-        return self._kv_contexts.compress(context, keep, budget, system, policy, granularity)
+        holds the compressed context afterwards, but the next call without ``context=`` starts over.
+        ``progress(stage, done, total)`` is told the tokens decoded so far of each stage ("prefill", then the
+        policy's scoring: "reconstruction" for kvzip)."""
+        return self._kv_contexts.compress(context, keep, budget, system, policy, granularity, progress)
 
     def ask(self, context: CompressedContext, question: str | Sequence[int], **kwargs: Any) -> str:
         """Answer ``question`` from a compressed context and return the answer's text. ``kwargs`` are

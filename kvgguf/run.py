@@ -43,7 +43,7 @@ def eviction_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """``Llama`` keyword arguments for the ``--kv-*`` options that were given."""
     names = ("kv_eviction", "kv_keep", "kv_budget", "kv_window", "kv_sink", "kv_granularity", "kv_evict_every",
              "kv_lazy_window", "kv_lazy_alpha", "kv_lookahead")
-    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+    return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -69,8 +69,8 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("-s", "--seed", type=int, default=None, help="random seed (default: random)")
 
 
-def load_model(args: argparse.Namespace) -> Any:
-    """The ``Llama`` that the model, context and ``--kv-*`` options describe."""
+def load_model(args: argparse.Namespace, eviction: bool = True) -> Any:
+    """The ``Llama`` that the model, context and (with ``eviction``) ``--kv-*`` options describe."""
     from . import Llama
     from .models import resolve_model
 
@@ -81,7 +81,7 @@ def load_model(args: argparse.Namespace) -> Any:
         llama_args.update(n_threads=args.threads, n_threads_batch=args.threads)
     if args.seed is not None:
         llama_args["seed"] = args.seed
-    return Llama(str(model), **llama_args, **eviction_kwargs(args))
+    return Llama(str(model), **llama_args, **(eviction_kwargs(args) if eviction else {}))
 
 
 def sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -90,14 +90,15 @@ def sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def check_arguments(args: argparse.Namespace) -> None:
+    """The model, context and (where the command has them) sampling options, named when out of range."""
     for name, value, least in (("--ctx-size", args.ctx_size, 1), ("--batch-size", args.batch_size, 1),
-                               ("--threads", args.threads, 1), ("--top-k", args.top_k, 0)):
+                               ("--threads", args.threads, 1), ("--top-k", getattr(args, "top_k", None), 0)):
         if value is not None and value < least:
             raise ValueError(f"{name} must be >= {least}, got {value}")
-    if args.temp < 0:
+    if getattr(args, "temp", 0.0) < 0:
         raise ValueError(f"--temp must be >= 0, got {args.temp}")
-    for name, value in (("--top-p", args.top_p), ("--min-p", args.min_p)):
-        if not 0.0 <= value <= 1.0:
+    for name, value in (("--top-p", getattr(args, "top_p", None)), ("--min-p", getattr(args, "min_p", None))):
+        if value is not None and not 0.0 <= value <= 1.0:
             raise ValueError(f"{name} must be in [0, 1], got {value}")
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -29,6 +29,9 @@ if TYPE_CHECKING:
     from .tiers import TieredEngine
 
 POS_END = 2**31 - 1  # an open end for the tap's position range
+
+# (stage, tokens done, tokens in all) as a prompt is prefilled ("prefill") and scored ("reconstruction", ...)
+ProgressCallback = Callable[[str, int, int], None]
 
 
 @dataclass(frozen=True)
@@ -99,10 +102,16 @@ class ScoringContext:
         # a tiered KV cache (kvgguf.tiers): cells are then the tiers' tokens, scores per (layer, KV head, token)
         self.tiers: TieredEngine | None = None
         self.protected_head = 0   # the first cells that are the chat template's head (set by the controller)
+        self.progress: ProgressCallback | None = None  # told how far a prefill and its scoring are
         self._observing = False
         self._logits_stale = False
         self._batch: llama_cpp_api.llama_batch | None = None
         self._batch_size = 0
+
+    def report(self, stage: str, done: int, total: int) -> None:
+        """Tell ``progress`` (if set) that ``done`` of the ``total`` tokens of ``stage`` are decoded."""
+        if self.progress is not None:
+            self.progress(stage, done, total)
 
     # --- what a policy may read ---------------------------------------------------------------------------------
 

@@ -11,6 +11,7 @@ import pytest
 
 from kvgguf import Llama
 from kvgguf.cli import main
+from readme_commands import readme_commands
 
 PROMPT = "The three most useful things to pack for a week of hiking are"
 
@@ -66,19 +67,8 @@ def test_run_errors_are_one_line_without_a_traceback(tmp_path):
         f"kvgguf run: error: model_path {str(not_a_model)!r} is not a GGUF file (starts with b'not ', not b'GGUF')"]
 
 
-def readme_run_commands() -> list[list[str]]:
-    """The ``kvgguf run`` lines of the README, as argument lists."""
-    import shlex
-    from pathlib import Path
-
-    readme = Path(__file__).resolve().parent.parent / "README.md"
-    prefix = ".venv/bin/kvgguf run "
-    return [shlex.split(line.strip())[1:] for line in readme.read_text().splitlines()
-            if line.strip().startswith(prefix)]
-
-
 def test_the_readme_run_commands_work(model_path, capsys):
-    commands = readme_run_commands()
+    commands = readme_commands("run")
     assert len(commands) >= 3
     for arguments in commands:
         assert main([*arguments, "-m", model_path, "-t", "1"]) == 0, arguments

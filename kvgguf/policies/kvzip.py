@@ -168,11 +168,15 @@ class KVzipPolicy(Policy):
         times it beside the tapped one). ``scoring.finish()`` restores the logits afterwards (the controller
         calls it after every scoring)."""
         batch = self.reconstruction_batch(scoring)
+        total = sum(len(chunk.request) + len(chunk.forced) for chunk in chunks)
+        done = 0
         for chunk in chunks:
             observed = scoring.decode(chunk.request + chunk.forced, tap=RECONSTRUCTION_TAP if observe else None,
                                       batch=batch)
             if observe is not None:
                 observe(observed)
+            done += len(chunk.request) + len(chunk.forced)
+            scoring.report("reconstruction", done, total)
 
     def scoring_forward(self, scoring: ScoringContext) -> None:
         """The reconstruction of every cell of the sequence without the tap: the cost of its forward alone (call
