@@ -88,7 +88,7 @@ def ask_main(args: argparse.Namespace) -> int:
 def add_parsers(commands: Any) -> None:
     compress = commands.add_parser(
         "compress", help="compress a document's KV cache into a .kvc file (KVzip by default)",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+        description=__doc__.replace("``", ""), formatter_class=argparse.RawDescriptionHelpFormatter)
     compress.add_argument("document", help="a text file")
     compress.add_argument("-o", "--output", required=True, help="the .kvc file to write")
     add_model_arguments(compress)
@@ -102,7 +102,7 @@ def add_parsers(commands: Any) -> None:
 
     ask = commands.add_parser(
         "ask", help="answer a question from a .kvc file made by 'kvgguf compress'",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+        description=__doc__.replace("``", ""), formatter_class=argparse.RawDescriptionHelpFormatter)
     ask.add_argument("context", help="a .kvc file")
     ask.add_argument("question")
     add_model_arguments(ask)

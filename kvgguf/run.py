@@ -171,7 +171,7 @@ def main(args: argparse.Namespace) -> int:
 def add_parser(commands: Any) -> None:
     parser = commands.add_parser(
         "run", help="a streamed completion with KV-cache eviction (llama-completion's options, plus --kv-*)",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+        description=__doc__.replace("``", ""), formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(parser)
     parser.add_argument("-p", "--prompt", help="the prompt text")
     parser.add_argument("-f", "--file", help="a file whose text is the prompt")
