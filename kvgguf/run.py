@@ -17,6 +17,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from .models import MODEL_HELP
 
 logger = logging.getLogger(__name__)
@@ -124,8 +126,12 @@ def end_of_generation_tokens(llm: Any) -> list[int]:
 
 def main(args: argparse.Namespace) -> int:
     check_arguments(args)
+    if args.n_predict < -1:
+        raise ValueError(f"-n must be >= -1 (-1: to the end of generation), got {args.n_predict}")
     prompt = read_prompt(args)
     llm = load_model(args)
+    from llama_cpp import LogitsProcessorList  # (after kvgguf's Llama: llama_cpp loads kvgguf's library)
+
     try:
         if args.chat:
             from .chat import chat_prompt_tokens
@@ -134,21 +140,30 @@ def main(args: argparse.Namespace) -> int:
         else:
             tokens = llm.tokenize(prompt.encode(), add_bos=True, special=False)
         start = time.perf_counter()
-        n_generated = 0
+        n_sampled = 0
         first_at = None
+        finish_reason = None
+
+        never = end_of_generation_tokens(llm) if args.ignore_eos else []
+
+        # called once per sampled token. (Not logit_bias for --ignore-eos: llama-cpp-python 0.3.36 drops both
+        # logit_bias and logits_processor when given the two, list.extend returning None.)
+        def count_sampled(input_ids: Any, scores: Any) -> Any:
+            nonlocal n_sampled
+            n_sampled += 1
+            scores[never] = -np.inf
+            return scores
+
         try:
-            logit_bias = None
-            if args.ignore_eos:
-                logit_bias = {token: float("-inf") for token in end_of_generation_tokens(llm)}
             stream = llm.create_completion(tokens, max_tokens=args.n_predict if args.n_predict >= 0 else None,
-                                           stream=True, seed=args.seed, logit_bias=logit_bias,
+                                           stream=True, seed=args.seed,
+                                           logits_processor=LogitsProcessorList([count_sampled]),
                                            **sampling_kwargs(args))
-            for chunk in stream:
+            for chunk in stream:  # a chunk per token, but tokens of one multi-byte character come together
                 choice = chunk["choices"][0]
-                if choice["finish_reason"] is None:  # a token's text (the last chunk only says why it stopped)
-                    if first_at is None:
-                        first_at = time.perf_counter()
-                    n_generated += 1
+                if first_at is None:
+                    first_at = time.perf_counter()
+                finish_reason = choice["finish_reason"] or finish_reason
                 sys.stdout.write(choice["text"])
                 sys.stdout.flush()
         except KeyboardInterrupt:
@@ -159,6 +174,8 @@ def main(args: argparse.Namespace) -> int:
         if args.report:
             end = time.perf_counter()
             decode_s = end - first_at if first_at is not None else 0.0
+            # an end of generation was sampled, not generated ("stop": run sets no stop strings)
+            n_generated = n_sampled - (1 if finish_reason == "stop" else 0)
             report = {"prompt_tokens": len(tokens), "generated_tokens": n_generated,
                       "prompt_s": round((first_at or end) - start, 3), "decode_s": round(decode_s, 3),
                       "kv": llm.kv_stats()}

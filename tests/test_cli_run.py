@@ -47,6 +47,7 @@ def test_run_generates_past_n_ctx_with_decode_time_eviction(model_path, capsys):
     (["--kv-eviction", "snapkvv"], "snapkvv"),
     (["-f", "/nonexistent/prompt.txt"], "-f '/nonexistent/prompt.txt': no such file"),
     (["--top-p", "1.5"], "--top-p must be in [0, 1], got 1.5"),
+    (["-n", "-2"], "-n must be >= -1"),
 ])
 def test_run_refuses_bad_input_by_name(model_path, capsys, arguments, message):
     prompt = [] if "-f" in arguments else ["-p", PROMPT]
