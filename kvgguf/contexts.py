@@ -387,6 +387,35 @@ class ContextSession:
         completion = llm.create_completion(context.tokens.tolist() + question_tokens, **kwargs)
         return completion["choices"][0]["text"]
 
+    def completion(self, prompt: str | Sequence[int], args: tuple, context: CompressedContext,
+                   kwargs: dict[str, Any]) -> Any:
+        """A text completion of ``prompt`` asked about the context: for a context compressed inside a chat, the
+        prompt is the question of its user turn and the chat answer comes back as a text completion (streamed
+        too); for one compressed from token ids, the prompt's tokens follow the context's."""
+        self.check(context)
+        if args:
+            raise ValueError("with context=, pass create_completion's options by name")
+        if context.chat is None:
+            if isinstance(prompt, str):
+                prompt_tokens = self.llm.tokenize(prompt.encode(), add_bos=False, special=True)
+            else:
+                prompt_tokens = self.checked_tokens(prompt, "prompt")
+            if not prompt_tokens:
+                raise ValueError("the prompt is empty")
+            self.pending = context
+            return self.llm.create_completion(context.tokens.tolist() + prompt_tokens, **kwargs)
+        if not isinstance(prompt, str):
+            raise ValueError("this context continues a chat turn: the prompt is the question, as text")
+        for option in ("suffix", "echo"):
+            if kwargs.pop(option, None):
+                raise ValueError(f"{option}= is not supported with a context compressed inside a chat")
+        if kwargs.pop("logprobs", None) is not None:
+            raise ValueError("logprobs= is not supported with a context compressed inside a chat")
+        answer = self.chat_completion([{"role": "user", "content": prompt}], (), context, kwargs)
+        if kwargs.get("stream"):
+            return (_chat_chunk_as_text(chunk) for chunk in answer)
+        return _chat_response_as_text(answer)
+
     def chat_completion(self, messages: list[dict[str, Any]], args: tuple, context: CompressedContext,
                         kwargs: dict[str, Any]) -> Any:
         """A chat completion whose first user message continues the context's user turn."""
@@ -499,3 +528,22 @@ class ContextSession:
         if context.tiers is None and context.n_cells + 1 > n_ctx:
             raise ValueError(f"the compressed context holds {context.n_cells} cells; this Llama's n_ctx="
                              f"{n_ctx} leaves no room to answer: use n_ctx > {context.n_cells}")
+
+
+def _chat_response_as_text(response: dict[str, Any]) -> dict[str, Any]:
+    """A chat completion in llama-cpp-python's text-completion shape."""
+    choice = response["choices"][0]
+    return {"id": response["id"].replace("chatcmpl", "cmpl", 1), "object": "text_completion",
+            "created": response["created"], "model": response["model"],
+            "choices": [{"text": choice["message"]["content"] or "", "index": 0, "logprobs": None,
+                         "finish_reason": choice["finish_reason"]}],
+            "usage": response["usage"]}
+
+
+def _chat_chunk_as_text(chunk: dict[str, Any]) -> dict[str, Any]:
+    """A streamed chat completion chunk in the text-completion chunk shape."""
+    choice = chunk["choices"][0]
+    return {"id": chunk["id"].replace("chatcmpl", "cmpl", 1), "object": "text_completion",
+            "created": chunk["created"], "model": chunk["model"],
+            "choices": [{"text": choice["delta"].get("content") or "", "index": 0, "logprobs": None,
+                         "finish_reason": choice["finish_reason"]}]}

@@ -331,6 +331,16 @@ class Llama(llama_cpp.Llama):
         temperature. Every call starts from the context's cache: nothing of an earlier question remains."""
         return self._kv_contexts.ask(context, question, **kwargs)
 
+    def create_completion(self, prompt: str | list[int], *args: Any, context: CompressedContext | None = None,
+                          **kwargs: Any) -> Any:
+        """llama_cpp.Llama.create_completion; with ``context=`` (from ``compress`` or ``load_context``) the prompt
+        is asked about the compressed context and the answer starts from its cache: for a context compressed
+        inside a chat, the prompt is the question of its user turn (the chat answer, in the text-completion shape,
+        streamed too); for one compressed from token ids, the prompt's tokens follow the context's."""
+        if context is None:
+            return super().create_completion(prompt, *args, **kwargs)
+        return self._kv_contexts.completion(prompt, args, context, kwargs)
+
     def create_chat_completion(self, messages: list[dict[str, Any]], *args: Any,
                                context: CompressedContext | None = None, **kwargs: Any) -> Any:
         """llama_cpp.Llama.create_chat_completion; with ``context=`` (from ``compress`` or ``load_context``) the

@@ -4,7 +4,7 @@
 #   bash scripts/install.sh         # kvgguf + the default model
 #   bash scripts/install.sh test    # ... plus the test dependencies
 #   bash scripts/install.sh bench   # ... plus what `kvgguf bench` plots with (any extras, comma-separated:
-#                                   # test, bench, convert, train, compare)
+#                                   # test, bench, convert, server, train, compare)
 #
 # 1. llama-cpp-python==0.3.36 as pure Python (its own native build off): kvgguf builds the one libllama that
 #    its bindings load. It must come first: as a plain dependency pip would compile it (CMAKE_ARGS reaches
