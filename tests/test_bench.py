@@ -419,3 +419,30 @@ def test_bench_reasoning_refuses_bad_arguments_by_name(model_path, capsys, argum
     with pytest.raises(SystemExit) as exit_info:
         main(["bench", "reasoning", "-m", model_path, *arguments])
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_bench_serve_loads_a_server_and_writes_json_markdown_and_png(tmp_path, model_path):
+    """Two requests per configuration against kvgguf serve on loopback: off, streaming per request, and from a
+    compressed context."""
+    pytest.importorskip("fastapi")
+    assert main(["bench", "serve", "-m", model_path, "--requests", "2", "--concurrency", "2", "--doc-tokens", "120",
+                 "--n-ctx", "512", "--policies", "streaming", "-o", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "serve.json").read_text())
+    schema.check("serve", results)
+    rows = {row["config"]: row for row in results["rows"]}
+    assert list(rows) == ["off", "streaming", "context"]
+    assert all(row["requests"] == 2 and row["requests_per_s"] > 0 and row["p95_s"] >= row["p50_s"] > 0
+               for row in rows.values())
+    assert rows["off"]["evictions"] == 0 and rows["streaming"]["evictions"] == 2
+    assert rows["streaming"]["mean_cells_after"] < rows["off"]["mean_cells_after"]
+    assert rows["context"]["mean_prompt_tokens"] > 0 and rows["context"]["compress_s"] > 0
+    assert (tmp_path / "serve.png").stat().st_size > 0 and "req/s vs off" in (tmp_path / "serve.md").read_text()
+
+
+def test_bench_serve_refuses_bad_arguments_by_name(model_path, capsys):
+    for arguments, message in ((["--requests", "0"], "--requests must be >= 1, got 0"),
+                               (["--policies", "snapkv@head"], "a request names a policy only"),
+                               (["--policies", "nope"], "'nope'")):
+        with pytest.raises(SystemExit):
+            main(["bench", "serve", "-m", model_path, *arguments])
+        assert message in capsys.readouterr().err

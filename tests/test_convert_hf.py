@@ -63,19 +63,24 @@ def transformers_logits(model, tokens: list[int], last_row_keys: np.ndarray | No
         return model(torch.tensor([tokens]), attention_mask=mask[None, None]).logits[0].numpy()
 
 
+def gguf_logits(path: Path) -> tuple[dict, list[int], np.ndarray]:
+    """The GGUF's metadata, its tokens for PROMPT and the logits kvgguf's llama.cpp computes at each of them."""
+    llm = Llama(str(path), n_ctx=512, n_threads=2, logits_all=True, verbose=False)
+    try:
+        tokens = llm.tokenize(PROMPT.encode())
+        llm.eval(tokens)
+        return dict(llm.metadata), tokens, np.asarray(llm.scores[:len(tokens)])
+    finally:
+        llm.close()
+
+
 @pytest.mark.parametrize("architecture", HF_ARCHITECTURES)
 def test_converted_model_tokenizes_and_computes_as_transformers(architecture, checkpoints, f16_files):
     folder, model = checkpoints[architecture]
-    llm = Llama(str(f16_files[architecture]), n_ctx=512, n_threads=2, logits_all=True, verbose=False)
-    try:
-        assert llm.metadata["general.architecture"] == architecture
-        tokens = llm.tokenize(PROMPT.encode())
-        spm = sentencepiece.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
-        assert tokens == [spm.bos_id()] + spm.encode(PROMPT)
-        llm.eval(tokens)
-        ours = np.asarray(llm.scores[:len(tokens)])
-    finally:
-        llm.close()
+    metadata, tokens, ours = gguf_logits(f16_files[architecture])
+    assert metadata["general.architecture"] == architecture
+    spm = sentencepiece.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
+    assert tokens == [spm.bos_id()] + spm.encode(PROMPT)
     theirs = transformers_logits(model, tokens)
     assert np.abs(ours - theirs).max() < F16_TOLERANCE
     assert np.abs(np.diff(theirs, axis=0)).max() > 1.0  # the logits do depend on the token and its position
@@ -83,8 +88,8 @@ def test_converted_model_tokenizes_and_computes_as_transformers(architecture, ch
 
 @pytest.mark.parametrize("architecture", HF_ARCHITECTURES)
 def test_eviction_on_a_converted_model_is_attention_over_the_kept_cells(architecture, checkpoints, f16_files):
-    """SnapKV keeps 40% of the prompt's cells past its window; the token decoded next computes transformers' logits with the
-    evicted positions masked, and measurably not the full cache's."""
+    """SnapKV keeps 40% of the prompt's cells past its window; the token decoded next computes transformers'
+    logits with the evicted positions masked, and measurably not the full cache's."""
     _, model = checkpoints[architecture]
     llm = Llama(str(f16_files[architecture]), n_ctx=512, n_threads=2, verbose=False, kv_eviction="snapkv",
                 kv_keep=0.4, kv_granularity="token")
@@ -113,13 +118,7 @@ def test_readme_convert_command_writes_a_q8_0_gguf(checkpoints, tmp_path, capsys
     arguments[2:4] = [str(folder), str(out)]
     assert main(arguments) == 0
     assert capsys.readouterr().out.startswith(f"{out}: llama ")
-    llm = Llama(str(out), n_ctx=512, n_threads=2, logits_all=True, verbose=False)
-    try:
-        tokens = llm.tokenize(PROMPT.encode())
-        llm.eval(tokens)
-        ours = np.asarray(llm.scores[:len(tokens)])
-    finally:
-        llm.close()
+    _, tokens, ours = gguf_logits(out)
     theirs = transformers_logits(model, tokens)
     assert np.abs(ours - theirs).max() < Q8_0_TOLERANCE
     assert (ours.argmax(axis=1) == theirs.argmax(axis=1)).mean() > 0.9  # measured 0.95

@@ -243,3 +243,18 @@ def test_the_readme_server_lines_work_and_contexts_survive_a_restart(server, mod
         assert re.match(r"ctx-[0-9a-f]{16}$", created["id"])
     finally:
         readme_server.stop()
+
+
+@pytest.mark.parametrize("arguments,message", [
+    (["--kv-eviction", "nope"], "unknown kv_eviction policy 'nope'"),
+    (["--kv-eviction", "snapkv", "--kv-keep", "0"], "kv_keep must be in (0, 1]"),
+    (["--port", "70000"], "--port must be in [1, 65535], got 70000"),
+])
+def test_kvgguf_serve_refuses_bad_options_on_one_line(model_path, arguments, message, capsys):
+    from kvgguf.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["serve", "-m", model_path, *arguments])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert error.startswith("kvgguf serve: error: ") and error.count("\n") == 1 and message in error

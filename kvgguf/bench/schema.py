@@ -47,6 +47,12 @@ SCHEMAS: dict[str, dict[str, set[str]]] = {
         "rows": {"task", "seed", "policy", "budget", "kv_budget", "prompt_tokens", "answer_tokens", "output",
                  "extracted", "expected", "score", "peak_cells", "decode_tok_s"},
     },
+    "serve": {
+        "top": {"schema_version", "model", "n_ctx", "requests", "concurrency", "doc_tokens", "max_tokens",
+                "max_seconds", "keep", "seed", "rows", "environment"},
+        "rows": {"config", "keep", "requests", "wall_s", "requests_per_s", "p50_s", "p95_s", "accuracy",
+                 "mean_prompt_tokens", "mean_cells_after", "evictions", "requests_per_s_vs_off", "p50_vs_off"},
+    },
     "memory": {
         "top": {"schema_version", "model", "task", "n_ctx", "factor", "n_prompt_target", "keep", "seed", "rows",
                 "environment"},
