@@ -161,6 +161,9 @@ class CellState:
             raise ValueError("a per-token CellState can not follow a head-granular eviction")
 
 
+HISTORY_LIMIT = 1000  # evictions KVStats.history keeps (the most recent)
+
+
 @dataclass
 class KVStats:
     """What eviction did to the cache, cumulative over a ``Llama``'s life (see ``Llama.kv_stats``)."""
@@ -176,7 +179,7 @@ class KVStats:
     evict_s: float = 0.0
     compact_s: float = 0.0
     observe_s: float = 0.0         # in the per-step state updates of a policy that observes decoding
-    history: list[dict] = field(default_factory=list)
+    history: list[dict] = field(default_factory=list)  # the last HISTORY_LIMIT evictions, oldest first
 
     @property
     def bytes_freed(self) -> int:
@@ -339,6 +342,8 @@ class EvictionEngine:
         stats.history.append({"cells_before": n_cells, "cells_after": stats.cells_after, "freed": freed,
                               "granularity": "head" if head_granular else "token",
                               "compacted": head_granular or compact})
+        if len(stats.history) > HISTORY_LIMIT:  # a long-lived model (a server) keeps the recent ones only
+            del stats.history[:len(stats.history) - HISTORY_LIMIT]
         logger.debug("evicted %d of %d cells (%s-level); attention window %d -> %d", freed, n_cells,
                      "head" if head_granular else "token", attended_before, stats.attended_after)
         return freed

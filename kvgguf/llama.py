@@ -216,7 +216,7 @@ class Llama(llama_cpp.Llama):
 
     def kv_stats(self) -> dict[str, Any]:
         """Cells before/after the last eviction, attention window, bytes freed, time scoring/evicting/compacting,
-        KV bytes held now and allocated."""
+        KV bytes held now and allocated; ``history``: one entry per eviction, the last 1000."""
         return self.kv_controller.stats()
 
     def kv_positions(self) -> np.ndarray:
