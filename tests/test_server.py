@@ -145,8 +145,9 @@ def test_a_named_context_is_compressed_once_and_answers_as_the_api(server, refer
                                                **SERVER_DEFAULTS)
     assert answer.choices[0].message.content == expected["choices"][0]["message"]["content"]
     assert text.choices[0].text == answer.choices[0].message.content and "4821" in text.choices[0].text
-    # the answer started from the compressed cache: the document was not decoded again
+    # the answer started from the compressed cache: the document was not decoded again, nothing was evicted
     assert answer.usage.model_extra["kv"]["kv_bytes_now"] < 0.5 * info["full_cache_bytes"]
+    assert answer.usage.model_extra["kv"]["evictions"] == 0 == text.usage.model_extra["kv"]["evictions"]
 
 
 @pytest.mark.parametrize("body,status,param,message", [

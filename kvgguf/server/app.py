@@ -186,13 +186,27 @@ def apply_settings(proxy: KvLlamaProxy, llama: Any, wanted: dict[str, Any]) -> N
         proxy.applied = dict(wanted)
 
 
-def kv_usage(llama: Any, before: dict[str, Any]) -> dict[str, Any]:
-    """The KV-cache statistics of one answer: its evictions and what they freed, and the cache as it ends."""
+_COUNTERS = ("evictions", "cells_freed", "bytes_freed")
+
+
+def kv_counters(llama: Any) -> list[tuple[Any, dict[str, int]]]:
+    """The eviction counters of each of the model's engines (the plain cache's, and a tiered cache's when one is
+    in use: a request that answers from a tiered context switches to it, and each counts its own)."""
+    controller = llama.kv_controller
+    engines = [controller.plain_engine] + ([controller.engine] if controller.engine is not controller.plain_engine
+                                           else [])
+    return [(engine, {name: engine.stats.as_dict()[name] for name in _COUNTERS}) for engine in engines]
+
+
+def kv_usage(llama: Any, before: list[tuple[Any, dict[str, int]]]) -> dict[str, Any]:
+    """The KV-cache statistics of one answer: its evictions and what they freed (in the engine it ended in,
+    against that engine's counts before it; a new engine's from zero), and the cache as it ends."""
     after = llama.kv_stats()
-    return {"policy": after["policy"], "evictions": after["evictions"] - before["evictions"],
-            "cells_freed": after["cells_freed"] - before["cells_freed"],
-            "bytes_freed": after["bytes_freed"] - before["bytes_freed"], "cells_now": after["cells_now"],
-            "kv_bytes_now": after["kv_bytes_now"], "kv_bytes_allocated": after["kv_bytes_allocated"]}
+    engine = llama.kv_controller.engine
+    base = next((counts for known, counts in before if known is engine), dict.fromkeys(_COUNTERS, 0))
+    return {"policy": after["policy"], **{name: after[name] - base[name] for name in _COUNTERS},
+            "cells_now": after["cells_now"], "kv_bytes_now": after["kv_bytes_now"],
+            "kv_bytes_allocated": after["kv_bytes_allocated"]}
 
 
 def answer(llama: Any, *, method: str, proxy: KvLlamaProxy, wanted: dict[str, Any], context: Any,
@@ -200,7 +214,7 @@ def answer(llama: Any, *, method: str, proxy: KvLlamaProxy, wanted: dict[str, An
     """Run one completion or chat request on the model (under its lock): its eviction settings, then the call,
     with the KV statistics in ``usage.kv`` (streamed: a last chunk with the usage, when asked for)."""
     apply_settings(proxy, llama, wanted)
-    before = llama.kv_stats()
+    before = kv_counters(llama)
     call = getattr(llama, method)
     result = call(**kwargs, context=context) if context is not None else call(**kwargs)
     if not kwargs.get("stream"):
