@@ -291,8 +291,8 @@ def create_app(model_settings: KvModelSettings, server_settings: ServerSettings,
     app.include_router(router)
     app.router.routes.extend(route for route in llama_app.router.routes
                              if getattr(route, "path", None) not in REPLACED_PATHS)
-    previous = llama_app._llama_proxy
-    if previous is not None:
+    previous, llama_app._llama_proxy = llama_app._llama_proxy, None
+    if previous is not None:  # an app made before in this process (a test's): its model is closed, once
         previous.free()
     llama_app._llama_proxy = KvLlamaProxy(models=[model_settings])
     app.state.contexts = store
