@@ -7,6 +7,12 @@ import os
 import pytest
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `pytest -n 2` (the README's test command): one core per worker. OpenMP hands ggml (and torch) one thread
+    # whatever n_threads a test asks for, and ggml computes with the threads it got, so the results are the same;
+    # two workers with two threads each would wake each other's threads at every graph (llama.cpp's CPU decode
+    # slows several-fold when another process holds a core). Read by libgomp when it loads, so before kvgguf.
+    os.environ.setdefault("OMP_THREAD_LIMIT", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # transformers reads the GGUF file from disk, never from a hub
 
 import kvgguf  # noqa: E402  (before llama_cpp)
