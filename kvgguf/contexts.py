@@ -107,6 +107,7 @@ class CompressedContext:
     n_protected: int                               # cells at the start kept unconditionally (template, system)
     chat: ChatLayout | None                        # None: questions are appended as raw tokens
     tiers: TierPlan | None = None                  # the tiered cache the state is for (None: a plain cache)
+    tier_held: npt.NDArray[np.int64] | None = None  # [n_tiers] the cells each tier holds (a tiered cache)
 
     @property
     def n_tokens(self) -> int:
@@ -115,12 +116,19 @@ class CompressedContext:
 
     @property
     def n_cells(self) -> int:
-        """KV cells the compressed cache holds."""
+        """KV cells the compressed cache holds; in a tiered cache, the tokens that some head of some tier holds
+        (its memory is ``kept_ratio``)."""
         return int(self.positions.size)
 
     @property
     def kept_ratio(self) -> float:
-        """Cells kept / tokens of the context."""
+        """The share of a full cache's K/V that the context keeps: cells kept / tokens of the context. In a
+        tiered cache, whose tiers hold different numbers of cells: the (layer, KV head, cell) entries the tiers
+        hold / (every head holding every token)."""
+        if self.tiers is not None and self.tier_held is not None:
+            tier_of_head = self.tiers.layout.tier_of_head
+            heads = np.bincount(tier_of_head.ravel(), minlength=len(self.tier_held))
+            return float(heads @ self.tier_held) / (tier_of_head.size * max(1, self.n_tokens))
         return self.n_cells / max(1, self.n_tokens)
 
     def save(self, path: str | os.PathLike[str]) -> Path:
@@ -129,7 +137,7 @@ class CompressedContext:
                                          "tokens": self.tokens, "positions": self.positions}
         if self.scores is not None:
             arrays["scores"] = self.scores
-        arrays.update(_layout_arrays(self.head_positions, self.tiers))
+        arrays.update(_layout_arrays(self.head_positions, self.tiers, self.tier_held))
         entries, chunks, offset = {}, [], 0
         for name, array in arrays.items():
             data = np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
@@ -157,7 +165,8 @@ class CompressedContext:
         return path
 
 
-def _layout_arrays(head_positions: Any, tiers: TierPlan | None) -> dict[str, np.ndarray]:
+def _layout_arrays(head_positions: Any, tiers: TierPlan | None,
+                   tier_held: npt.NDArray[np.int64] | None) -> dict[str, np.ndarray]:
     """The arrays a context file keeps of its per-head layout and, for a tiered cache, of its tiers."""
     if tiers is None:
         return {} if head_positions is None else {"head_positions": head_positions}
@@ -166,6 +175,8 @@ def _layout_arrays(head_positions: Any, tiers: TierPlan | None) -> dict[str, np.
     for tier, tokens in enumerate(head_positions or []):
         if tokens is not None:
             arrays[f"tier_tokens_{tier}"] = tokens
+    if tier_held is not None:
+        arrays["tier_held"] = np.asarray(tier_held, dtype=np.int32)
     return arrays
 
 
@@ -230,7 +241,8 @@ def read_context_file(path: str | os.PathLike[str]) -> CompressedContext:
             head_positions=head_positions, scores=arrays.get("scores"),
             model=ModelIdentity(**header["model"]), policy=header["policy"], granularity=header["granularity"],
             keep=header["keep"], budget=header["budget"],
-            n_protected=int(header["n_protected"]), chat=None if chat is None else ChatLayout(**chat), tiers=tiers)
+            n_protected=int(header["n_protected"]), chat=None if chat is None else ChatLayout(**chat), tiers=tiers,
+            tier_held=arrays.get("tier_held") if tiers is not None else None)
     except ContextFileError:
         raise
     except (ValueError, KeyError, TypeError) as err:  # JSONDecodeError is a ValueError
@@ -318,6 +330,7 @@ class ContextSession:
                 llm.prefill(tokens)
                 snapshot = llm.kv_snapshot()
                 positions = llm.kv_positions().copy()
+                tier_held = controller.engine.tier_cells() if controller.tiered else None
                 scores = active.kept_scores()
                 if scores is not None and scores.shape[2] != positions.size:
                     scores = None  # nothing was evicted (the context fits the budget)
@@ -328,7 +341,7 @@ class ContextSession:
             state=snapshot.data, tokens=snapshot.tokens.astype(np.int32), positions=positions,
             head_positions=snapshot.head_positions, scores=scores, model=self.identity(), policy=name,
             granularity=settings.granularity, keep=settings.keep, budget=settings.budget, n_protected=n_protected,
-            chat=chat, tiers=snapshot.tiers)
+            chat=chat, tiers=snapshot.tiers, tier_held=tier_held)
 
     def _context_tokens(self, context: str | Sequence[int],
                         system: str | None) -> tuple[list[int], ChatLayout | None, int]:

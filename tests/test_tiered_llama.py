@@ -125,20 +125,33 @@ def test_a_tiered_context_answers_from_its_file_and_the_plain_cache_comes_back(l
     llm.configure_kv_eviction("snapkv", kv_keep=0.5, kv_head_profile="auto")  # snapkv: no profile, plain
     assert llm.kv_controller.tier_plan is None
     sample, tokens = samples[0]
+    before = llm.kv_stats()
     context = llm.compress(sample.context, keep=KEEP, policy="kvzip")
     assert context.tiers is not None and llm.kv_controller.tier_plan is None
+    # the counters run over the model's life, through the switch to the tiers and back
+    counted = llm.kv_stats()
+    assert counted["evictions"] > before["evictions"] and counted["bytes_freed"] > before["bytes_freed"]
     first = llm.ask(context, sample.question, max_tokens=32)
     assert first.strip()
     stats = llm.kv_stats()
     assert stats["tier_cells"] == list(context.tiers.layout.n_cells)
+    assert stats["evictions"] == counted["evictions"] and stats["bytes_freed"] == counted["bytes_freed"]
     assert min(stats["tier_cells_now"]) < len(tokens.context) // 2  # the small tiers' cells are gone
+    # kept_ratio is the K/V kept, not the union of the tiers' tokens (which is nearly every token)
+    assert context.n_cells > 0.9 * context.n_tokens
+    answer_cells = llm.n_tokens - context.n_tokens   # the question and answer: a cell in every tier each
+    held = stats["kv_bytes_now"] / stats["bytes_per_cell"] - answer_cells
+    assert context.kept_ratio == pytest.approx(held / context.n_tokens, rel=1e-9)
+    assert context.kept_ratio < 2 * KEEP
     loaded = llm.load_context(context.save(tmp_path / "tiered.kvc"))
     assert loaded.tiers.layout.n_cells == context.tiers.layout.n_cells
     assert np.array_equal(loaded.tiers.layout.tier_of_head, context.tiers.layout.tier_of_head)
     assert np.array_equal(loaded.positions, context.positions)
+    assert loaded.kept_ratio == context.kept_ratio
     assert llm.ask(loaded, sample.question, max_tokens=32) == first
     llm.create_completion("Hello", max_tokens=2)
     assert llm.kv_controller.tier_plan is None and "tier_cells" not in llm.kv_stats()
+    assert llm.kv_stats()["evictions"] == counted["evictions"]
 
 
 def test_snapshot_of_a_tiered_cache_restores_its_per_head_tokens(llm, samples):

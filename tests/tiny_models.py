@@ -123,6 +123,23 @@ def _train_sentencepiece(folder) -> int:
     return sentencepiece.SentencePieceProcessor(model_proto=model.getvalue()).vocab_size()
 
 
+# Models whose memory is not one attention KV cache, which eviction refuses: a recurrent one (Mamba: a fixed-size
+# state per sequence) and a hybrid one (Jamba: Mamba layers plus attention layers, llama_memory_hybrid). Tiny configs
+# that llama.cpp's converter and loader accept (sizes multiples of what the kernels tile by).
+MEMORY_ARCHITECTURES = {
+    "mamba": lambda transformers, vocab_size: transformers.MambaConfig(
+        vocab_size=vocab_size, hidden_size=N_EMBD, state_size=16, num_hidden_layers=N_LAYER, expand=2, conv_kernel=4,
+        time_step_rank=4, use_bias=False, use_conv_bias=True, layer_norm_epsilon=1e-5, bos_token_id=BOS_ID,
+        eos_token_id=EOS_ID, pad_token_id=UNK_ID, tie_word_embeddings=False),
+    "jamba": lambda transformers, vocab_size: transformers.JambaConfig(
+        vocab_size=vocab_size, hidden_size=N_EMBD, intermediate_size=N_FF, num_hidden_layers=N_LAYER,
+        num_attention_heads=N_HEAD, num_key_value_heads=N_HEAD // 2, num_experts=1, num_experts_per_tok=1,
+        expert_layer_period=1, expert_layer_offset=0, attn_layer_period=2, attn_layer_offset=1, mamba_d_state=16,
+        mamba_d_conv=4, mamba_expand=2, mamba_dt_rank=4, use_mamba_kernels=False, rms_norm_eps=1e-5,
+        bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=UNK_ID, tie_word_embeddings=False),
+}
+
+
 def write_tiny_hf_checkpoint(folder, architecture: str, seed: int = 0):
     """Write a tiny random-weight Hugging Face checkpoint of ``architecture`` ("llama" or "qwen2") to ``folder``
     with transformers (config.json, model.safetensors, a SentencePiece tokenizer.model); return the model in
@@ -136,6 +153,12 @@ def write_tiny_hf_checkpoint(folder, architecture: str, seed: int = 0):
 
     folder.mkdir(parents=True, exist_ok=True)
     vocab_size = _train_sentencepiece(folder)
+    if architecture in MEMORY_ARCHITECTURES:
+        config = MEMORY_ARCHITECTURES[architecture](transformers, vocab_size)
+        torch.manual_seed(seed)
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.save_pretrained(folder, safe_serialization=True)
+        return model.eval()
     config_class = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config}[architecture]
     config = config_class(vocab_size=vocab_size, hidden_size=N_EMBD, intermediate_size=N_FF,
                           num_hidden_layers=N_LAYER, num_attention_heads=N_HEAD, num_key_value_heads=N_HEAD // 2,

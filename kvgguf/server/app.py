@@ -189,22 +189,17 @@ def apply_settings(proxy: KvLlamaProxy, llama: Any, wanted: dict[str, Any]) -> N
 _COUNTERS = ("evictions", "cells_freed", "bytes_freed")
 
 
-def kv_counters(llama: Any) -> list[tuple[Any, dict[str, int]]]:
-    """The eviction counters of each of the model's engines (the plain cache's, and a tiered cache's when one is
-    in use: a request that answers from a tiered context switches to it, and each counts its own)."""
-    controller = llama.kv_controller
-    engines = [controller.plain_engine] + ([controller.engine] if controller.engine is not controller.plain_engine
-                                           else [])
-    return [(engine, {name: engine.stats.as_dict()[name] for name in _COUNTERS}) for engine in engines]
+def kv_counters(llama: Any) -> dict[str, int]:
+    """The model's eviction counters so far (over its life, whichever cache evicted)."""
+    stats = llama.kv_stats()
+    return {name: stats[name] for name in _COUNTERS}
 
 
-def kv_usage(llama: Any, before: list[tuple[Any, dict[str, int]]]) -> dict[str, Any]:
-    """The KV-cache statistics of one answer: its evictions and what they freed (in the engine it ended in,
-    against that engine's counts before it; a new engine's from zero), and the cache as it ends."""
+def kv_usage(llama: Any, before: dict[str, int]) -> dict[str, Any]:
+    """The KV-cache statistics of one answer: its evictions and what they freed (the counters against
+    ``before``), and the cache as it ends."""
     after = llama.kv_stats()
-    engine = llama.kv_controller.engine
-    base = next((counts for known, counts in before if known is engine), dict.fromkeys(_COUNTERS, 0))
-    return {"policy": after["policy"], **{name: after[name] - base[name] for name in _COUNTERS},
+    return {"policy": after["policy"], **{name: after[name] - before[name] for name in _COUNTERS},
             "cells_now": after["cells_now"], "kv_bytes_now": after["kv_bytes_now"],
             "kv_bytes_allocated": after["kv_bytes_allocated"]}
 
