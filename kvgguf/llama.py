@@ -12,12 +12,14 @@ reused as a token prefix by a later call.
 """
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Generator, Sequence
 from typing import Any
 
 import numpy as np
 
+from . import rpc
 from ._native import llama_cpp, llama_cpp_api
 from .chat import ChatTemplate
 from .contexts import CompressedContext, ContextSession, KVSnapshot, ModelIdentity, read_context_file
@@ -30,6 +32,8 @@ from .models import check_gguf_file
 from .policies import policy_class
 from .scoring import ProgressCallback, ScoringContext
 from .settings import DEFAULT_SINK, EvictionSettings, validate_settings
+
+logger = logging.getLogger(__name__)
 
 SEQ_ID = 0  # llama_cpp.Llama decodes everything into sequence 0
 
@@ -97,6 +101,9 @@ class Llama(llama_cpp.Llama):
             128.
         kv_lazy_alpha: (kv_eviction="lazy") the attention probability that counts as attending a cell, in
             (0, 1). Default: the model's shipped calibration's, else 1e-4.
+        rpc_servers: llama.cpp RPC servers (``kvgguf rpc-server`` on other hosts), ``"host:port,host:port"`` or a
+            list: registered as devices before the model loads (``kvgguf.rpc``); ``n_gpu_layers`` layers then go
+            to them. Eviction works the same on layers held there.
 
     With a policy, prompts longer than ``n_ctx`` are prefilled in chunks with eviction between chunks, and
     generation that fills the cache evicts again instead of failing; positions may run up to
@@ -108,7 +115,8 @@ class Llama(llama_cpp.Llama):
                  kv_granularity: str | None = None, kv_evict_every: int | None = None,
                  kv_head_profile: str | os.PathLike[str] | None = AUTO, kv_tiers: int | None = None,
                  kv_lookahead: str | os.PathLike[str] | None = None, kv_lazy_window: int | None = None,
-                 kv_lazy_alpha: float | None = None, **kwargs: Any) -> None:
+                 kv_lazy_alpha: float | None = None, rpc_servers: str | Sequence[str] | None = None,
+                 **kwargs: Any) -> None:
         # the settings are checked with the model's shipped LazyEviction calibration (its window bounds the budget)
         # where the file can be read, and before the file itself, so that a bad setting is named first
         try:
@@ -123,12 +131,19 @@ class Llama(llama_cpp.Llama):
             # llama-cpp-python still creates a context, which llama.cpp aborts on for a weightless model
             raise ValueError("vocab_only=True is not supported by kvgguf.Llama (it needs a KV cache); use "
                              "llama_cpp.Llama for tokenization only")
-        super().__init__(model_path, *args, **kwargs)
+        if rpc_servers is not None:
+            rpc.add_servers(rpc_servers)
+            if not kwargs.get("n_gpu_layers"):
+                logger.warning("rpc_servers given with n_gpu_layers=0: every layer stays on this host")
+        devices = rpc.load_devices(rpc_servers)   # only this model's servers (None: llama.cpp's default)
+        with rpc.model_devices(devices):
+            super().__init__(model_path, *args, **kwargs)
         n_layer = llama_cpp_api.llama_model_n_layer(self._model.model)
         n_head_kv = llama_cpp_api.llama_model_n_head_kv(self._model.model)
         n_head = llama_cpp_api.llama_model_n_head(self._model.model)
         arch = self.metadata.get("general.architecture", "")
-        head_k = int(self.metadata.get(f"{arch}.attention.key_length", self.n_embd() // n_head))
+        # a recurrent model (Mamba) has no attention heads: no KV cells, and eviction is refused (controller.check)
+        head_k = int(self.metadata.get(f"{arch}.attention.key_length", self.n_embd() // n_head if n_head else 0))
         head_v = int(self.metadata.get(f"{arch}.attention.value_length", head_k))
         bytes_per_cell = kv_bytes_per_cell(n_layer, n_head_kv * head_k, n_head_kv * head_v,
                                            int(self.context_params.type_k), int(self.context_params.type_v))
@@ -215,8 +230,9 @@ class Llama(llama_cpp.Llama):
     # --- statistics ----------------------------------------------------------------------------------------------
 
     def kv_stats(self) -> dict[str, Any]:
-        """Cells before/after the last eviction, attention window, bytes freed, time scoring/evicting/compacting,
-        KV bytes held now and allocated; ``history``: one entry per eviction, the last 1000."""
+        """Cells before/after the last eviction, attention window, KV bytes held now and allocated; counted over
+        the model's life (whichever cache evicted: the plain one or a tiered one): evictions, cells and bytes
+        freed, time scoring/evicting/compacting; ``history``: one entry per eviction, the last 1000."""
         return self.kv_controller.stats()
 
     def kv_positions(self) -> np.ndarray:

@@ -59,6 +59,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-ngl", "--gpu-layers", type=int, default=0, metavar="N",
                         help="layers offloaded to the GPU of a CUDA or Metal build (default 0)")
     parser.add_argument("-fa", "--flash-attn", action="store_true", help="flash attention")
+    parser.add_argument("--rpc", metavar="HOST:PORT,...", help="llama.cpp RPC servers (`kvgguf rpc-server` on other "
+                        "hosts): -ngl layers are placed on them")
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
@@ -83,6 +85,8 @@ def load_model(args: argparse.Namespace, eviction: bool = True) -> Any:
         llama_args.update(n_threads=args.threads, n_threads_batch=args.threads)
     if args.seed is not None:
         llama_args["seed"] = args.seed
+    if getattr(args, "rpc", None):
+        llama_args["rpc_servers"] = args.rpc
     return Llama(str(model), **llama_args, **(eviction_kwargs(args) if eviction else {}))
 
 
