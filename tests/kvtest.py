@@ -336,3 +336,55 @@ def token_embeddings(model_path: str, tokens: list[int]) -> np.ndarray:
     tensor = next(t for t in reader.tensors if t.name == "token_embd.weight")
     rows = dequantize(tensor.data, tensor.tensor_type)
     return np.ascontiguousarray(rows.reshape(-1, int(tensor.shape[0]))[tokens], dtype=np.float32)
+
+
+def check_eviction_equals_upstream(model: RawModel, prompt: list[int], removals: list[np.ndarray],
+                                   **config) -> tuple[list[float], list[bool]]:
+    """For each set of positions in ``removals``: evicting it in one call gives the cache, and the next-token
+    logits, of upstream llama.cpp's removal of the same positions (test_eviction_engine's docstring has why):
+    bit-identical logits to llama_memory_seq_rm per position (holes), and after compaction the same K/V bytes and
+    bit-identical logits as llama.cpp's own state loader placing those cells contiguously. Returns, per set, the
+    KL divergence and top-1 agreement between the holey and the compact layout (float summation order only)."""
+    n = len(prompt)
+    nxt = model.tokenize(" The", add_special=False)[0]
+    evicted = RawContext(model, **config)
+    holes = RawContext(model, **config)
+    reloaded = RawContext(model, **config)
+    try:
+        evicted.decode(prompt)
+        base = evicted.save()
+        kls, top1 = [], []
+        for removed in removals:
+            kept = np.setdiff1d(np.arange(n), removed)
+            holes.load(base)
+            for p in removed:
+                assert C.llama_memory_seq_rm(holes.mem, 0, int(p), int(p) + 1)
+            reloaded.load(holes.save())
+            ref_state = reloaded.seq_state()
+            holes_logits = holes.decode([nxt], positions=[n])
+            reloaded_logits = reloaded.decode([nxt], positions=[n])
+
+            evicted.load(base)
+            freed = evicted.view().remove(removed)
+            assert freed == len(np.unique(removed))
+            assert np.array_equal(evicted.view().positions(), kept)   # the cells are really gone
+            assert evicted.view().n_attended() == max(256, -(-n // 256) * 256)   # holes: the window stays
+            assert np.array_equal(evicted.decode([nxt], positions=[n]), holes_logits)
+
+            evicted.load(base)
+            evicted.view().remove(removed)
+            assert evicted.view().compact() == 0                     # token-level compaction frees nothing more
+            assert evicted.view().n_attended() == max(256, -(-len(kept) // 256) * 256)
+            state = evicted.seq_state()
+            assert np.array_equal(state.positions, ref_state.positions)
+            assert np.array_equal(state.k, ref_state.k) and np.array_equal(state.v, ref_state.v)
+            logits = evicted.decode([nxt], positions=[n])
+            assert np.array_equal(logits, reloaded_logits), len(removed)
+
+            kls.append(kl_divergence(holes_logits, logits))
+            top1.append(bool(logits.argmax() == holes_logits.argmax()))
+        return kls, top1
+    finally:
+        evicted.close()
+        holes.close()
+        reloaded.close()

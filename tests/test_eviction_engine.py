@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from kvgguf.text import haystack
-from kvtest import GGML_TYPE_F16, GGML_TYPE_Q8_0, C, RawContext, kl_divergence
+from kvtest import GGML_TYPE_F16, GGML_TYPE_Q8_0, C, RawContext, check_eviction_equals_upstream
 from kvgguf._native import NativeError, libllama
 
 N_PROMPT = 400
@@ -61,50 +61,10 @@ def test_eviction_equals_upstream_removal(raw_model, prompt, type_k, type_v, fla
     comparison gives 87% and 9e-3, which is llama.cpp's own layout sensitivity: the exact references above
     are the test there.
     """
-    nxt = raw_model.tokenize(" The", add_special=False)[0]
-    config = dict(n_ctx=N_CTX, flash_attn=flash_attn, type_k=type_k, type_v=type_v)
-    evicted = RawContext(raw_model, **config)
-    holes = RawContext(raw_model, **config)
-    reloaded = RawContext(raw_model, **config)
-    try:
-        evicted.decode(prompt)
-        base = evicted.save()
-        kls, top1 = [], []
-        for removed in eviction_sets(N_PROMPT, np.random.default_rng(1234)):
-            kept = np.setdiff1d(np.arange(N_PROMPT), removed)
-            holes.load(base)
-            for p in removed:
-                assert C.llama_memory_seq_rm(holes.mem, 0, int(p), int(p) + 1)
-            reloaded.load(holes.save())
-            ref_state = reloaded.seq_state()
-            holes_logits = holes.decode([nxt], positions=[N_PROMPT])
-            reloaded_logits = reloaded.decode([nxt], positions=[N_PROMPT])
-
-            evicted.load(base)
-            freed = evicted.view().remove(removed)
-            assert freed == len(np.unique(removed))
-            assert np.array_equal(evicted.view().positions(), kept)   # the cells are really gone
-            assert evicted.view().n_attended() == 512                 # holes: the window does not shrink
-            assert np.array_equal(evicted.decode([nxt], positions=[N_PROMPT]), holes_logits)
-
-            evicted.load(base)
-            evicted.view().remove(removed)
-            assert evicted.view().compact() == 0                     # token-level compaction frees nothing more
-            assert evicted.view().n_attended() == max(256, -(-len(kept) // 256) * 256)
-            state = evicted.seq_state()
-            assert np.array_equal(state.positions, ref_state.positions)
-            assert np.array_equal(state.k, ref_state.k) and np.array_equal(state.v, ref_state.v)
-            logits = evicted.decode([nxt], positions=[N_PROMPT])
-            assert np.array_equal(logits, reloaded_logits), len(removed)
-
-            kls.append(kl_divergence(holes_logits, logits))
-            top1.append(logits.argmax() == holes_logits.argmax())
-        if not flash_attn:  # CPU flash attention accumulates in f16: its layout noise is larger (see docstring)
-            assert np.mean(kls) < 1e-2 and np.mean(top1) >= 0.9, (np.mean(kls), np.mean(top1))
-    finally:
-        evicted.close()
-        holes.close()
-        reloaded.close()
+    kls, top1 = check_eviction_equals_upstream(raw_model, prompt, eviction_sets(N_PROMPT, np.random.default_rng(1234)),
+                                               n_ctx=N_CTX, flash_attn=flash_attn, type_k=type_k, type_v=type_v)
+    if not flash_attn:  # CPU flash attention accumulates in f16: its layout noise is larger (see docstring)
+        assert np.mean(kls) < 1e-2 and np.mean(top1) >= 0.9, (np.mean(kls), np.mean(top1))
 
 
 def test_shared_prefix_cell_freed_only_when_no_sequence_holds_it(raw_model, prompt):
