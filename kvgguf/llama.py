@@ -35,6 +35,17 @@ from .settings import DEFAULT_SINK, EvictionSettings, validate_settings
 
 logger = logging.getLogger(__name__)
 
+GPU_LAYERS_ENV = "LLAMA_ARG_N_GPU_LAYERS"   # llama.cpp's tools read -ngl from it too
+
+
+def gpu_layers_from_env() -> int:
+    """``LLAMA_ARG_N_GPU_LAYERS`` as an int (0 when unset); ValueError naming it when it is not one."""
+    value = os.environ.get(GPU_LAYERS_ENV, "0")
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"{GPU_LAYERS_ENV}={value!r} is not a number of layers") from None
+
 SEQ_ID = 0  # llama_cpp.Llama decodes everything into sequence 0
 
 
@@ -105,6 +116,9 @@ class Llama(llama_cpp.Llama):
             list: registered as devices before the model loads (``kvgguf.rpc``); ``n_gpu_layers`` layers then go
             to them. Eviction works the same on layers held there.
 
+    ``n_gpu_layers``, when not given, comes from the environment variable ``LLAMA_ARG_N_GPU_LAYERS`` as in
+    llama.cpp's tools (else llama-cpp-python's default, 0): a whole program, or test suite, offloads with it.
+
     With a policy, prompts longer than ``n_ctx`` are prefilled in chunks with eviction between chunks, and
     generation that fills the cache evicts again instead of failing; positions may run up to
     ``max(n_ctx, n_ctx_train)``.
@@ -131,6 +145,8 @@ class Llama(llama_cpp.Llama):
             # llama-cpp-python still creates a context, which llama.cpp aborts on for a weightless model
             raise ValueError("vocab_only=True is not supported by kvgguf.Llama (it needs a KV cache); use "
                              "llama_cpp.Llama for tokenization only")
+        if "n_gpu_layers" not in kwargs and os.environ.get(GPU_LAYERS_ENV):
+            kwargs["n_gpu_layers"] = gpu_layers_from_env()
         if rpc_servers is not None:
             rpc.add_servers(rpc_servers)
             if not kwargs.get("n_gpu_layers"):

@@ -56,8 +56,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         help="tokens per decode call (default 512)")
     parser.add_argument("-t", "--threads", type=int, default=None, metavar="N",
                         help="CPU threads (default: llama-cpp-python's)")
-    parser.add_argument("-ngl", "--gpu-layers", type=int, default=0, metavar="N",
-                        help="layers offloaded to the GPU of a CUDA or Metal build (default 0)")
+    parser.add_argument("-ngl", "--gpu-layers", type=int, default=None, metavar="N",
+                        help="layers offloaded to the GPU of a CUDA or Metal build, or to --rpc servers (default: "
+                             "$LLAMA_ARG_N_GPU_LAYERS, else 0)")
     parser.add_argument("-fa", "--flash-attn", action="store_true", help="flash attention")
     parser.add_argument("--rpc", metavar="HOST:PORT,...", help="llama.cpp RPC servers (`kvgguf rpc-server` on other "
                         "hosts): -ngl layers are placed on them")
@@ -79,8 +80,10 @@ def load_model(args: argparse.Namespace, eviction: bool = True) -> Any:
     from .models import resolve_model
 
     model = resolve_model(args.model)
-    llama_args: dict[str, Any] = {"n_ctx": args.ctx_size, "n_batch": args.batch_size, "n_gpu_layers": args.gpu_layers,
-                                  "flash_attn": args.flash_attn, "verbose": False}
+    llama_args: dict[str, Any] = {"n_ctx": args.ctx_size, "n_batch": args.batch_size, "flash_attn": args.flash_attn,
+                                  "verbose": False}
+    if args.gpu_layers is not None:
+        llama_args["n_gpu_layers"] = args.gpu_layers
     if args.threads is not None:
         llama_args.update(n_threads=args.threads, n_threads_batch=args.threads)
     if args.seed is not None:

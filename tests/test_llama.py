@@ -263,3 +263,21 @@ def test_restore_rejects_what_does_not_fit(model_path):
     out = small.create_completion("The capital of France is", max_tokens=4, temperature=0)
     assert out["choices"][0]["text"]
     small.close()
+
+
+def test_n_gpu_layers_defaults_to_llama_cpps_environment_variable(model_path, monkeypatch):
+    """LLAMA_ARG_N_GPU_LAYERS (llama.cpp's tools read -ngl from it) is the default of n_gpu_layers; an explicit
+    argument wins, and a value that is not a number is named. (On this CPU-only build nothing is offloaded: the
+    setting is what is checked, and that the model still loads and answers.)"""
+    monkeypatch.setenv("LLAMA_ARG_N_GPU_LAYERS", "7")
+    llm = Llama(model_path, n_ctx=256, n_threads=2, verbose=False)
+    explicit = Llama(model_path, n_ctx=256, n_threads=2, verbose=False, n_gpu_layers=0)
+    try:
+        assert llm.model_params.n_gpu_layers == 7 and explicit.model_params.n_gpu_layers == 0
+        assert llm.create_completion("The capital of France is", max_tokens=4, temperature=0)["choices"][0]["text"]
+    finally:
+        explicit.close()
+        llm.close()
+    monkeypatch.setenv("LLAMA_ARG_N_GPU_LAYERS", "all")
+    with pytest.raises(ValueError, match="LLAMA_ARG_N_GPU_LAYERS='all' is not a number of layers"):
+        Llama(model_path, n_ctx=256, n_threads=2, verbose=False)

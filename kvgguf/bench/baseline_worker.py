@@ -31,8 +31,9 @@ class Baseline:
         self.llm: llama_cpp.Llama | None = None
 
     def load(self, model: str, n_ctx: int, threads: int) -> dict[str, Any]:
+        # offloaded as kvgguf.Llama is (LLAMA_ARG_N_GPU_LAYERS), so that the comparison is like for like
         self.llm = llama_cpp.Llama(model, n_ctx=n_ctx, n_batch=512, n_threads=threads, n_threads_batch=threads,
-                                   verbose=False)
+                                   n_gpu_layers=int(os.environ.get("LLAMA_ARG_N_GPU_LAYERS") or 0), verbose=False)
         # a patched library exports our eviction API; the baseline must not
         patched = hasattr(llama_cpp.llama_cpp._lib, "llama_kv_compact")
         return {"ok": True, "patched": patched, "library": os.environ.get("LLAMA_CPP_LIB_PATH")}

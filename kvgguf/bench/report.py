@@ -104,6 +104,7 @@ def environment(threads: int) -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "threads": threads,
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        "gpu_layers": os.environ.get("LLAMA_ARG_N_GPU_LAYERS"),   # kvgguf.Llama offloads this many when set
         "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "versions": versions,
         "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),

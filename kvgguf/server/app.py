@@ -126,7 +126,7 @@ class KvLlamaProxy(LlamaProxy):
                      n_threads=settings.n_threads, n_threads_batch=settings.n_threads_batch,
                      n_gpu_layers=settings.n_gpu_layers, flash_attn=settings.flash_attn, seed=settings.seed,
                      chat_format=settings.chat_format, logits_all=settings.logits_all, verbose=settings.verbose,
-                     **getattr(settings, "kv_defaults", {}))
+                     rpc_servers=settings.rpc_servers or None, **getattr(settings, "kv_defaults", {}))
 
 
 class StreamOptions(BaseModel):

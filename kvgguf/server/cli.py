@@ -37,6 +37,7 @@ def build_app(args: argparse.Namespace) -> Any:
     from llama_cpp.server.settings import ServerSettings
 
     from ..models import resolve_model
+    from ..llama import gpu_layers_from_env
     from .app import KvModelSettings, create_app
 
     if not 0 < args.port < 65536:
@@ -44,7 +45,9 @@ def build_app(args: argparse.Namespace) -> Any:
     model = resolve_model(args.model)
     threads = {} if args.threads is None else {"n_threads": args.threads, "n_threads_batch": args.threads}
     model_settings = KvModelSettings(model=str(model), model_alias=args.alias, n_ctx=args.ctx_size,
-                                     n_batch=args.batch_size, n_ubatch=args.batch_size, n_gpu_layers=args.gpu_layers,
+                                     n_batch=args.batch_size, n_ubatch=args.batch_size,
+                                     n_gpu_layers=gpu_layers_from_env() if args.gpu_layers is None else args.gpu_layers,
+                                     rpc_servers=args.rpc,
                                      flash_attn=args.flash_attn, logits_all=False, verbose=False,
                                      kv_defaults=eviction_kwargs(args), **threads)
     server_settings = ServerSettings(host=args.host, port=args.port, api_key=args.api_key, interrupt_requests=False)
