@@ -33,8 +33,10 @@ if [ ! -e "$cuda_home/include/cublas_v2.h" ] && [ ! -e "$cuda_home/targets/x86_6
     fi
     lib="$cublas/nvidia/cu$major/lib"
     inc="$cublas/nvidia/cu$major/include"
+    # (-rpath-link: executables that link libggml-cuda, ggml-rpc-server, find its libcublas at link time)
     cuda_flags=(-DCUDA_cublas_LIBRARY="$lib/libcublas.so.$major" -DCUDA_cublasLt_LIBRARY="$lib/libcublasLt.so.$major"
-                -DCMAKE_CUDA_FLAGS="-isystem $inc" -DCMAKE_CXX_FLAGS="-isystem $inc")
+                -DCMAKE_CUDA_FLAGS="-isystem $inc" -DCMAKE_CXX_FLAGS="-isystem $inc"
+                -DCMAKE_EXE_LINKER_FLAGS="-Wl,-rpath-link,$lib")
 fi
 # The driver library (libcuda.so, with the driver or the toolkit's stubs) is linked for the VMM memory pool. A machine
 # with neither builds with ggml's own option that does without it (the legacy pool), and says so.
