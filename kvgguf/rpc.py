@@ -96,7 +96,14 @@ def add_servers(servers: str | Sequence[str]) -> list[str]:
         names: list[str] = []
         for endpoint in endpoints:
             if endpoint not in _registered:
-                reg = add_server(endpoint.encode())
+                # the ValueError below names the server; llama.cpp's own error line would say it twice
+                llama_logger = logging.getLogger("llama-cpp-python")
+                level = llama_logger.level
+                llama_logger.setLevel(logging.CRITICAL)
+                try:
+                    reg = add_server(endpoint.encode())
+                finally:
+                    llama_logger.setLevel(level)
                 if not reg:   # no connection, or a server that offers no device
                     raise ValueError(f"rpc_servers: cannot reach an RPC server at {endpoint!r} (is `kvgguf "
                                      "rpc-server` running there, of the same kvgguf version?)")

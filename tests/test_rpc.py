@@ -103,6 +103,16 @@ def test_bad_rpc_servers_are_refused_by_name(model_path):
         llm.close()
 
 
+def test_kvgguf_run_names_an_unreachable_server_on_one_line(capfd):
+    closed = free_port()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["run", "--rpc", f"127.0.0.1:{closed}", "-ngl", "4", "-c", "256", "-n", "2", "-p", "x"])
+    err = capfd.readouterr().err.strip()
+    assert exit_info.value.code == 2 and err.splitlines() == [
+        f"kvgguf run: error: rpc_servers: cannot reach an RPC server at '127.0.0.1:{closed}' (is `kvgguf "
+        "rpc-server` running there, of the same kvgguf version?)"], err
+
+
 def test_kvgguf_rpc_server_refuses_bad_options_on_one_line(capsys):
     for arguments, message in ((["--port", "0"], "--port must be in 1-65535, got 0"),
                                (["--threads", "0"], "--threads must be >= 1, got 0")):
